@@ -1,0 +1,196 @@
+"""Saving and loading adapters in HF PEFT's on-disk format.
+
+A directory holds ``adapter_config.json`` and ``adapter_model.safetensors``. Tensor keys are module paths inside
+the transformers model, prefixed with ``base_model.model.``, with the suffix each adapter layer declares
+(``lora_A.weight``...). This module is the only place that translates between those names and ours.
+Loading never unpickles: tensors come from safetensors, Lightning checkpoints are read with ``weights_only``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lightning_peft.atomic import atomic_directory
+from lightning_peft.errors import AdapterFileError, AdapterMismatchError
+from lightning_peft.methods.base import AdapterConfig
+from lightning_peft.surgery import (
+    active_config,
+    adapter_layers,
+    attach,
+    detach,
+    find_transformer,
+    modules_to_save_paths,
+)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+DISK_PREFIX = "base_model.model."
+
+
+def adapter_names(model: nn.Module, config: AdapterConfig) -> dict[str, str]:
+    """Map each tensor the adapter owns, from its on-disk key to its name in ``model`` (a transformers model).
+
+    Covers the adapter layers' declared parameters, the modules trained in full (``modules_to_save``) and the
+    base parameters the config trains (biases).
+    """
+    names: dict[str, str] = {}
+    layers = adapter_layers(model)
+    for path, layer in layers.items():
+        for param in layer.adapter_parameters():
+            names[f"{DISK_PREFIX}{path}.{layer.disk_names[param]}"] = f"{path}.{param}"
+    for path in modules_to_save_paths(model, config):
+        for key in model.get_submodule(path).state_dict():
+            names[f"{DISK_PREFIX}{path}.{key}"] = f"{path}.{key}"
+    for name in config.trainable_base_parameters(model, layers):
+        names[f"{DISK_PREFIX}{name}"] = name
+    return names
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under HF PEFT's keys, contiguous and on CPU, ready for safetensors."""
+    _, hf = find_transformer(model)
+    config = _require_adapter(hf)
+    state = hf.state_dict(keep_vars=False)
+    return {disk: state[name].detach().cpu().contiguous() for disk, name in adapter_names(hf, config).items()}
+
+
+def save_adapter(model: nn.Module, save_directory: str | os.PathLike) -> Path:
+    """Write the adapter in ``model`` (a transformers model or a module holding one) as an HF PEFT directory.
+
+    The directory is written atomically: it is complete under its final name or not there at all.
+    """
+    _, hf = find_transformer(model)
+    config = _require_adapter(hf)
+    tensors = adapter_state_dict(hf)
+    content = config.to_dict()
+    if content.get("base_model_name_or_path") is None:
+        content["base_model_name_or_path"] = getattr(hf.config, "_name_or_path", None) or None
+    if any(getattr(layer, "transposed", False) for layer in adapter_layers(hf).values()):
+        content["fan_in_fan_out"] = True
+    with atomic_directory(save_directory) as tmp:
+        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+    return Path(save_directory)
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torch.Tensor], str]:
+    """Read an adapter directory or a lightning_peft checkpoint file without touching any model.
+
+    Returns the config, the tensors and how their keys are spelled: ``"disk"`` (HF PEFT keys) or a module path
+    prefix (checkpoint state-dict keys are relative to the LightningModule).
+    """
+    path = Path(path)
+    if path.is_file():
+        return _read_checkpoint(path)
+    if not path.is_dir():
+        raise AdapterFileError(f"{path} does not exist. Pass a directory written by save_adapter or HF PEFT.")
+    config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not config_path.is_file():
+        raise AdapterFileError(f"{path} has no {CONFIG_NAME}; is it an adapter directory (see save_adapter)?")
+    if not weights_path.is_file():
+        if (path / "adapter_model.bin").is_file():
+            raise AdapterFileError(
+                f"{path} holds adapter_model.bin, a pickle, which is never loaded (it can run code). Convert it "
+                f"to {WEIGHTS_NAME} in a trusted environment (peft's save_pretrained writes safetensors)."
+            )
+        raise AdapterFileError(f"{path} has no {WEIGHTS_NAME}.")
+    try:
+        data = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterFileError(f"{config_path} is not valid JSON ({err}); re-save the adapter.") from None
+    config = AdapterConfig.from_dict(data, source=str(config_path))
+    try:
+        tensors = load_file(weights_path)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise AdapterFileError(f"{weights_path} is not a readable safetensors file ({err}); re-save it.") from None
+    return config, tensors, "disk"
+
+
+def _read_checkpoint(path: Path) -> tuple[AdapterConfig, dict[str, torch.Tensor], str]:
+    from lightning_peft.checkpoint import read_checkpoint
+
+    try:
+        checkpoint = read_checkpoint(path)
+    except Exception as err:  # torch raises many types for a damaged or foreign file
+        raise AdapterFileError(f"{path} is not a readable checkpoint ({type(err).__name__}: {err}).") from None
+    meta = checkpoint.get("peft")
+    if not isinstance(meta, dict) or "adapter_config" not in meta:
+        raise AdapterFileError(f"{path} is not a checkpoint written under PeftCallback (no adapter record).")
+    config = AdapterConfig.from_dict(meta["adapter_config"], source=f"{path} (adapter_config)")
+    return config, checkpoint["state_dict"], str(meta.get("model_prefix", ""))
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, is_trainable: bool = False) -> nn.Module:
+    """Inject the adapter saved at ``path`` into ``model`` in place and return the model to call.
+
+    ``path`` is an adapter directory (ours or HF PEFT's) or a checkpoint written under ``PeftCallback``.
+    Every file, key and shape is checked before the first weight is written: on any error the model is left as
+    it was. With ``is_trainable=False`` (inference) the adapter's tensors are frozen too.
+    """
+    config, tensors, spelling = read_adapter(path)
+    _, hf = find_transformer(model)
+    flags = {name: p.requires_grad for name, p in hf.named_parameters()}
+    attach(hf, config)
+    try:
+        names = adapter_names(hf, active_config(hf))
+        if spelling == "disk":
+            named = {names.get(key, key): value for key, value in tensors.items()}
+        else:
+            prefix = f"{spelling}." if spelling else ""
+            named = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        _check_tensors(hf, named, set(names.values()), path)
+    except Exception:
+        detach(hf)
+        for name, param in hf.named_parameters():
+            param.requires_grad_(flags[name])
+        raise
+    with torch.no_grad():
+        for name, value in named.items():
+            _get_tensor(hf, name).copy_(value)
+    if not is_trainable:
+        hf.requires_grad_(False)
+    return model
+
+
+def _check_tensors(hf: nn.Module, named: dict[str, torch.Tensor], expected: set[str], path: object) -> None:
+    missing = sorted(expected - named.keys())
+    unexpected = sorted(named.keys() - expected)
+    if missing or unexpected:
+        raise AdapterMismatchError(
+            f"{path} does not fit {type(hf).__name__}: "
+            + (f"missing tensors for {missing[:5]}{' ...' if len(missing) > 5 else ''}; " if missing else "")
+            + (f"tensors for modules the model lacks or the config does not adapt: {unexpected[:5]}; "
+               if unexpected else "")
+            + "load it into the base model it was trained on."
+        )
+    for name, value in named.items():
+        target = _get_tensor(hf, name)
+        if target.shape != value.shape:
+            raise AdapterMismatchError(
+                f"{path}: {name} has shape {tuple(value.shape)} but the model expects {tuple(target.shape)}; "
+                f"the adapter was trained on a base with other dimensions."
+            )
+
+
+def _get_tensor(model: nn.Module, name: str) -> torch.Tensor:
+    module_path, _, attr = name.rpartition(".")
+    return getattr(model.get_submodule(module_path) if module_path else model, attr)
+
+
+def _require_adapter(hf: nn.Module) -> AdapterConfig:
+    config = active_config(hf)
+    if config is None:
+        raise AdapterMismatchError(
+            f"{type(hf).__name__} holds no adapter; inject one with PeftCallback or load_adapter first."
+        )
+    return config
+
+
+__all__ = ["adapter_names", "adapter_state_dict", "load_adapter", "read_adapter", "save_adapter"]

@@ -1,0 +1,158 @@
+"""``PeftCallback``: adds an adapter to the transformers model inside a LightningModule.
+
+Hooks, in Lightning's order of events:
+
+- ``setup`` (before ``configure_model`` and before the strategy moves, wraps and builds optimizers): the model
+  is built now if the module creates it in ``configure_model``, then the adapter is injected and the base frozen,
+  so DDP/FSDP wrap the adapted model and ``configure_optimizers`` sees it.
+- ``on_fit_start`` (optimizers exist, training state not yet restored): frozen tensors are dropped from the
+  optimizers, or an optimizer over the adapter is built if the module configured none; parameter counts logged.
+- ``on_save_checkpoint``: the checkpoint keeps only what trains (plus the adapter's record), never the base.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from typing_extensions import override
+
+from lightning_peft.checkpoint import AdapterCheckpointIO
+from lightning_peft.errors import AdapterMismatchError
+from lightning_peft.methods.base import AdapterConfig
+from lightning_peft.optim import OptimName, build_optimizer
+from lightning_peft.surgery import active_config, adapter_layers, attach, count_parameters, find_transformer
+
+
+class PeftCallback(Callback):
+    """Parameter-efficient fine-tuning of the transformers model held by the LightningModule.
+
+    Args:
+        adapter: the method and its hyper-parameters, e.g. ``LoraConfig(r=16, target_modules=["q_proj", "v_proj"])``.
+        learning_rate, weight_decay, optim: used only when the module's ``configure_optimizers`` returns None;
+            then an optimizer over the adapter's parameters is built (``optim`` as in transformers).
+
+    Example::
+
+        trainer = Trainer(callbacks=[PeftCallback(LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"]))])
+    """
+
+    def __init__(
+        self,
+        adapter: AdapterConfig,
+        learning_rate: float = 2e-4,
+        weight_decay: float = 0.0,
+        optim: OptimName = "auto",
+    ) -> None:
+        if not isinstance(adapter, AdapterConfig):
+            raise TypeError(f"adapter must be an adapter config such as LoraConfig(...), got {type(adapter).__name__}.")
+        self.adapter = adapter
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.optim = optim
+        self._module: pl.LightningModule | None = None
+        self._prefix = ""
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if is_overridden("configure_model", pl_module):
+            # Lightning calls configure_model after this hook and requires it to be idempotent: building the model
+            # here, in the same contexts Lightning would use, lets the adapter go in before the strategy wraps it.
+            with (
+                trainer.strategy.tensor_init_context(),
+                trainer.strategy.model_sharded_context(),
+                trainer.precision_plugin.module_init_context(),
+            ):
+                pl_module.configure_model()
+        self._prefix, model = find_transformer(pl_module)
+        if active_config(model) is None:
+            attach(model, self.adapter)
+        self._module = pl_module
+        pl_module.strict_loading = False  # checkpoints hold the adapter only; _validate_checkpoint checks them
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AdapterCheckpointIO(validate=self._validate_checkpoint)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _, model = find_transformer(pl_module)
+        if active_config(model) is None:
+            raise RuntimeError(
+                "The model lost its adapter between setup and fit: configure_model built a new model after "
+                "PeftCallback injected the adapter. Make configure_model return early when the model exists "
+                "(`if self.model is not None: return`), as Lightning requires."
+            )
+        self._prune_optimizers(trainer, pl_module)
+        trainable, total = count_parameters(pl_module)
+        rank_zero_info(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+
+    def _prune_optimizers(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trainable = [p for p in pl_module.parameters() if p.requires_grad]
+        trainable_ids = {id(p) for p in trainable}
+        optimized = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
+        if not optimized & trainable_ids:
+            trainer.optimizers = [
+                build_optimizer(trainable, self.optim, self.learning_rate, self.weight_decay,
+                                on_cuda=pl_module.device.type == "cuda")
+            ]
+            rank_zero_info(f"No optimizer from configure_optimizers: built {type(trainer.optimizers[0]).__name__} "
+                           f"(lr={self.learning_rate}) over {len(trainable)} adapter tensors.")
+            return
+        dropped = 0
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                kept = [p for p in group["params"] if p.requires_grad]
+                dropped += len(group["params"]) - len(kept)
+                group["params"] = kept
+        if dropped:
+            rank_zero_info(f"Removed {dropped} frozen tensors from the optimizers; they stay bit-identical.")
+        left_out = trainable_ids - optimized
+        if left_out:
+            rank_zero_warn(f"{len(left_out)} trainable adapter tensors are in no optimizer and will not train; "
+                           f"pass self.parameters() (frozen ones are removed for you).")
+
+    def checkpoint_keys(self, pl_module: pl.LightningModule) -> set[str]:
+        """State-dict keys a checkpoint keeps: every trainable parameter and every adapter tensor."""
+        keys = {name for name, p in pl_module.named_parameters() if p.requires_grad}
+        prefix = f"{self._prefix}." if self._prefix else ""
+        for path, layer in adapter_layers(find_transformer(pl_module)[1]).items():
+            keys.update(f"{prefix}{path}.{name}" for name in layer.adapter_parameters())
+        return keys
+
+    @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        keys = self.checkpoint_keys(pl_module)
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
+        config = active_config(find_transformer(pl_module)[1])
+        checkpoint["peft"] = {"adapter_config": config.to_dict(), "model_prefix": self._prefix}
+
+    def _validate_checkpoint(self, checkpoint: dict[str, Any], path: str) -> None:
+        """Refuse, before Lightning restores anything, a checkpoint whose tensors do not fit the adapted module."""
+        meta = checkpoint.get("peft")
+        if self._module is None or not isinstance(meta, dict):
+            raise AdapterMismatchError(
+                f"{path} was not written under PeftCallback (it has no adapter record); resume from a checkpoint "
+                f"of this run, or load base weights into the model before fitting."
+            )
+        config = active_config(find_transformer(self._module)[1])
+        saved_type = (meta.get("adapter_config") or {}).get("peft_type")
+        if saved_type != config.peft_type:
+            raise AdapterMismatchError(
+                f"{path} holds a {saved_type} adapter but this run trains {config.peft_type}; "
+                f"resume with the adapter config the checkpoint was written with."
+            )
+        state = checkpoint.get("state_dict", {})
+        own = dict(self._module.state_dict(keep_vars=True))
+        expected = self.checkpoint_keys(self._module)
+        missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+        wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state.keys() & expected
+                 if state[k].shape != own[k].shape]
+        if missing or unexpected or wrong:
+            raise AdapterMismatchError(
+                f"{path} does not fit this module's adapter: missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                f"shape mismatches {wrong[:3]}. Resume with the same model and adapter config as the run that "
+                f"wrote it."
+            )

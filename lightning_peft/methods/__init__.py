@@ -1,0 +1,19 @@
+"""The adapter methods, one module each, and the registry from HF PEFT's ``peft_type`` to config class."""
+
+from lightning_peft.errors import ConfigError
+from lightning_peft.methods.base import AdapterConfig, AdapterLayer
+from lightning_peft.methods.lora import LoraConfig, LoraLayer
+
+CONFIG_CLASSES: dict[str, type[AdapterConfig]] = {cls.peft_type: cls for cls in (LoraConfig,)}
+
+
+def config_class(peft_type: object, source: str = "adapter config") -> type[AdapterConfig]:
+    """The config class for ``peft_type``; refuses a missing or unknown type, naming the ones we support."""
+    if peft_type not in CONFIG_CLASSES:
+        raise ConfigError(
+            f"{source}: peft_type={peft_type!r} is not supported; expected one of {sorted(CONFIG_CLASSES)}."
+        )
+    return CONFIG_CLASSES[peft_type]
+
+
+__all__ = ["AdapterConfig", "AdapterLayer", "CONFIG_CLASSES", "LoraConfig", "LoraLayer", "config_class"]

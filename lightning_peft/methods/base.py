@@ -1,0 +1,209 @@
+"""What every adapter method shares: the config base class and the contract of an adapter layer.
+
+A method is one file in this folder holding a config dataclass (field names as HF PEFT spells them) and the
+``AdapterLayer`` modules it injects. Everything else in the package (freezing, saving, checkpoints, merging)
+is driven by what the layers declare, never by matching substrings of parameter names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from lightning_peft.errors import ConfigError, TargetModulesError
+
+TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+
+# Keys HF PEFT writes that carry no meaning for us when left at these values.
+_NEUTRAL_KEYS = {"peft_version", "inference_mode", "revision", "auto_mapping", "megatron_core", "qalora_group_size"}
+# Keys HF PEFT writes that change the adapter's math when set: loading such a file would silently be wrong.
+_UNSUPPORTED_WHEN_SET = {
+    "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern", "layer_replication", "lora_bias",
+    "target_parameters", "trainable_token_indices", "use_qalora", "use_bdlora", "alora_invocation_tokens",
+    "loftq_config", "megatron_config", "use_dora", "eva_config", "corda_config", "arrow_config", "kasa_config",
+}
+
+
+def _is_unset(value: Any) -> bool:
+    return value is None or value is False or value == {} or value == [] or value == ""
+
+
+@dataclasses.dataclass
+class AdapterConfig(ABC):
+    """Fields every method shares; subclasses add their own and validate them in ``__post_init__``."""
+
+    peft_type: ClassVar[str]
+
+    task_type: str | None = None
+    """``CAUSAL_LM``, ``SEQ_CLS``, ...: tells HF PEFT which model class to wrap when it loads our files."""
+    base_model_name_or_path: str | None = None
+    """Recorded in ``adapter_config.json`` so the adapter says which base it belongs to."""
+    modules_to_save: list[str] | None = None
+    """Modules trained in full and saved with the adapter (e.g. a classification head), by name or suffix."""
+
+    def __post_init__(self) -> None:
+        if self.task_type is not None and self.task_type not in TASK_TYPES:
+            raise ConfigError(f"task_type={self.task_type!r} is not one of {TASK_TYPES}.")
+        check_module_patterns("modules_to_save", self.modules_to_save)
+        if isinstance(self.modules_to_save, str):
+            raise ConfigError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}.")
+        if self.modules_to_save is not None:
+            self.modules_to_save = list(self.modules_to_save)
+
+    @abstractmethod
+    def build_layers(self, model: nn.Module) -> dict[str, AdapterLayer]:
+        """Build (without inserting) the adapter layers for ``model``, keyed by the path each one replaces.
+
+        Building first and inserting after is what lets a failed injection leave the model untouched.
+        """
+
+    def trainable_base_parameters(self, model: nn.Module, layers: dict[str, AdapterLayer]) -> list[str]:
+        """Names of base parameters (in ``model`` after injection) that this config trains too, e.g. biases."""
+        return []
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``adapter_config.json`` content: our fields plus ``peft_type``, JSON-ready."""
+        out: dict[str, Any] = {"peft_type": self.peft_type}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            out[field.name] = sorted(value) if isinstance(value, (set, tuple)) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "adapter config") -> AdapterConfig:
+        """Build the config of ``data['peft_type']`` from a dict as HF PEFT or we wrote it.
+
+        Keys HF PEFT writes at inert values are accepted; a key that would change the math is refused; any other
+        unknown key is dropped with a warning (what HF PEFT itself does).
+        """
+        from lightning_peft.methods import config_class
+
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}.")
+        target = config_class(data.get("peft_type"), source) if cls is AdapterConfig else cls
+        names = {f.name for f in dataclasses.fields(target)}
+        kwargs, dropped = {}, []
+        for key, value in data.items():
+            if key == "peft_type":
+                continue
+            if key in names:
+                kwargs[key] = value
+            elif key in _UNSUPPORTED_WHEN_SET and not _is_unset(value):
+                raise ConfigError(
+                    f"{source}: {key}={value!r} is an HF PEFT feature lightning_peft does not implement; "
+                    f"remove it or train the adapter without it."
+                )
+            elif key not in _NEUTRAL_KEYS and not _is_unset(value) and key not in _UNSUPPORTED_WHEN_SET:
+                dropped.append(key)
+        if dropped:
+            warnings.warn(f"{source}: ignoring unknown keys {sorted(dropped)}.", stacklevel=2)
+        try:
+            return target(**kwargs)
+        except TypeError as err:
+            raise ConfigError(f"{source}: {err}") from None
+
+
+def match_module_name(name: str, patterns: str | list[str] | None) -> bool:
+    """HF PEFT's rule: a string is a regex that must match the whole path; a list matches a path or its suffix."""
+    if patterns is None:
+        return False
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == key or name.endswith("." + key) for key in patterns)
+
+
+def check_module_patterns(field: str, value: Any) -> None:
+    """Refuse a ``target_modules``-like field that is neither a regex string nor a list of names."""
+    if value is None:
+        return
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise ConfigError(f"{field}={value!r} is not a valid regular expression: {err}.") from None
+        return
+    if not isinstance(value, (list, tuple, set)) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{field} must be a list of module names or a regex string, got {value!r}.")
+
+
+def select_targets(
+    model: nn.Module,
+    target_modules: str | list[str],
+    exclude_modules: str | list[str] | None,
+    supported: Callable[[nn.Module], bool],
+    skip: set[str] = frozenset(),
+    what: str = "target_modules",
+) -> dict[str, nn.Module]:
+    """The modules whose path matches ``target_modules`` and not ``exclude_modules``; refuse when none fit.
+
+    ``skip`` holds paths never adapted (the output head under ``"all-linear"``). The error lists the names of
+    the modules that could have been targeted, so the fix is one read away.
+    """
+    found: dict[str, nn.Module] = {}
+    wrong_type: list[str] = []
+    for path, module in model.named_modules():
+        if not path or path in skip:
+            continue
+        if not match_module_name(path, target_modules) or match_module_name(path, exclude_modules):
+            continue
+        if supported(module):
+            found[path] = module
+        else:
+            wrong_type.append(f"{path} ({type(module).__name__})")
+    if found:
+        return found
+    candidates = sorted({p.rsplit(".", 1)[-1] for p, m in model.named_modules() if p and supported(m)})
+    hint = f" Matching modules of a type that cannot be adapted: {', '.join(wrong_type[:5])}." if wrong_type else ""
+    raise TargetModulesError(
+        f"{what}={target_modules!r} matched no adaptable module of {type(model).__name__}.{hint} "
+        f"Adaptable module names: {', '.join(candidates)}. A list entry matches a module path or its last "
+        f"components (e.g. 'q_proj'); a string is a regex that must match the whole path."
+    )
+
+
+def output_head_paths(model: nn.Module) -> set[str]:
+    """Paths of the output embedding (``lm_head``), which ``"all-linear"`` never adapts."""
+    head = model.get_output_embeddings() if isinstance(model, PreTrainedModel) else None
+    return {p for p, m in model.named_modules() if head is not None and m is head}
+
+
+class AdapterLayer(nn.Module, ABC):
+    """A module that holds one adapter's trainable tensors next to (or around) a frozen base module.
+
+    ``adapter_parameter_names`` declares which of its parameters are the adapter (they are made trainable, saved
+    and loaded); ``disk_names`` maps each to the suffix HF PEFT uses in ``adapter_model.safetensors``.
+    """
+
+    adapter_parameter_names: ClassVar[tuple[str, ...]]
+    disk_names: ClassVar[dict[str, str]]
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        return {name: getattr(self, name) for name in self.adapter_parameter_names if getattr(self, name) is not None}
+
+    @abstractmethod
+    def unload(self) -> nn.Module:
+        """The module this layer replaced, as it was before injection (adapter not merged)."""
+
+    @abstractmethod
+    def merge(self) -> None:
+        """Fold the adapter into the base weights in place, so forward skips the adapter path."""
+
+    @abstractmethod
+    def unmerge(self) -> None:
+        """Undo ``merge``."""
+
+    @abstractmethod
+    def merged_module(self) -> nn.Module:
+        """A plain module with the adapter folded in, to take this layer's place for good."""
+
+    @abstractmethod
+    def merged_state_dict(self) -> dict[str, torch.Tensor]:
+        """The state dict of ``merged_module()`` computed without changing this layer (for exports)."""

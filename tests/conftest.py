@@ -1,0 +1,65 @@
+"""Tiny random transformers models built in-process (no downloads), one per family we support."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+import transformers
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers.logging.set_verbosity_error()
+warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
+
+VOCAB = 96
+
+# family -> (config class, config kwargs, causal LM class, sequence classification class, LoRA targets)
+FAMILIES = {
+    "llama": ("LlamaConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2), ["q_proj", "v_proj"]),
+    "mistral": ("MistralConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2), ["q_proj", "v_proj"]),
+    "qwen2": ("Qwen2Config", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2), ["q_proj", "v_proj"]),
+    "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0),
+             ["c_attn"]),
+    "bert": ("BertConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                max_position_embeddings=64), ["query", "value"]),
+    "distilbert": ("DistilBertConfig", dict(dim=32, hidden_dim=64, n_layers=2, n_heads=4, max_position_embeddings=64),
+                   ["q_lin", "v_lin"]),
+}
+CAUSAL = ["llama", "mistral", "qwen2", "gpt2"]
+ENCODERS = ["bert", "distilbert"]
+
+
+def make_config(family: str, **overrides):
+    name, kwargs, _ = FAMILIES[family]
+    return getattr(transformers, name)(vocab_size=VOCAB, pad_token_id=0, **{**kwargs, **overrides})
+
+
+def make_model(family: str, task: str = "causal", seed: int = 0, **overrides):
+    """A tiny random model of ``family``: ``task`` is "causal" or "seq_cls" (2 labels)."""
+    torch.manual_seed(seed)
+    config = make_config(family, **overrides)
+    auto = transformers.AutoModelForCausalLM if task == "causal" else transformers.AutoModelForSequenceClassification
+    if task == "seq_cls":
+        config.num_labels = 2
+    return auto.from_config(config).eval()
+
+
+def targets(family: str) -> list[str]:
+    return FAMILIES[family][2]
+
+
+def batch(size: int = 2, length: int = 12, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (size, length), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+@pytest.fixture
+def llama():
+    return make_model("llama")
