@@ -13,7 +13,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from lightning_peft.errors import AdapterMismatchError, TargetModulesError
-from lightning_peft.methods.base import AdapterConfig, AdapterLayer, match_module_name
+from lightning_peft.methods.base import AdapterConfig, AdapterLayer
 
 # Heads HF PEFT trains in full for sequence classification: we add those the model has.
 _SEQ_CLS_HEADS = ("classifier", "score")
@@ -57,15 +57,13 @@ def resolve_config(model: PreTrainedModel, config: AdapterConfig) -> AdapterConf
 
 
 def modules_to_save_paths(model: nn.Module, config: AdapterConfig) -> list[str]:
-    """Paths of the modules trained in full; a name the model lacks is refused (HF PEFT's files list both
-    classification head names, so those two may be absent)."""
-    if not config.modules_to_save:
-        return []
-    paths = [p for p, _ in model.named_modules() if p and match_module_name(p, config.modules_to_save)]
-    missing = [
-        n for n in config.modules_to_save
-        if n not in _SEQ_CLS_HEADS and not any(match_module_name(p, [n]) for p in paths)
-    ]
+    """Paths of the modules trained in full. As in HF PEFT, a name selects every module whose path ends with it
+    (``"classifier"`` also selects DistilBERT's ``pre_classifier``), so files stay interchangeable. A name the
+    model lacks is refused, except the two head names HF PEFT lists for every classification adapter."""
+    names = config.modules_to_save or []
+    paths = [p for p, _ in model.named_modules() if p and any(p.endswith(n) for n in names)]
+    paths = [p for p in paths if not any(p.startswith(q + ".") for q in paths)]
+    missing = [n for n in names if n not in _SEQ_CLS_HEADS and not any(p.endswith(n) for p in paths)]
     if missing:
         raise TargetModulesError(
             f"modules_to_save names {missing}, which {type(model).__name__} does not have. "

@@ -63,3 +63,16 @@ def batch(size: int = 2, length: int = 12, seed: int = 1) -> dict[str, torch.Ten
 @pytest.fixture
 def llama():
     return make_model("llama")
+
+
+def _lora(family: str):
+    from lightning_peft import LoraConfig
+
+    return LoraConfig(r=4, lora_alpha=8, target_modules=targets(family), init_lora_weights=False)
+
+
+# The shared checks (tests/test_methods.py) run for every entry: name -> how to build its config for a family,
+# whether HF PEFT knows the method (interop is checked), and whether merging is exact or must be refused.
+METHODS = {
+    "lora": dict(make=_lora, peft=True, mergeable=True),
+}

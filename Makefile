@@ -1,0 +1,17 @@
+# The two commands of the README. Both create .venv on first use (CPU torch when there is no GPU).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test env
+
+env: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt scripts/setup_env.sh
+	bash scripts/setup_env.sh $(VENV)
+	touch $@
+
+demo: env
+	$(PY) examples/finetune_lora.py
+
+test: env
+	$(PY) -m pytest
