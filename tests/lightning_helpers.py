@@ -1,0 +1,45 @@
+"""A small LightningModule around a tiny transformers model, in both creation styles users write."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from conftest import VOCAB, make_model
+
+
+class CausalLM(L.LightningModule):
+    """Builds its model in ``configure_model`` (``in_init=False``) or in ``__init__``; records every loss."""
+
+    def __init__(self, family: str = "llama", in_init: bool = True, optimizer: str | None = "all", lr: float = 1e-2):
+        super().__init__()
+        self.family, self.optimizer_kind, self.lr = family, optimizer, lr
+        self.model = make_model(family).train() if in_init else None
+        self.losses: list[float] = []
+
+    def configure_model(self):
+        if self.model is None:
+            self.model = make_model(self.family).train()
+
+    def training_step(self, batch, batch_idx):
+        (ids,) = batch
+        loss = self.model(input_ids=ids, labels=ids).loss
+        self.losses.append(loss.item())
+        return loss
+
+    def configure_optimizers(self):
+        if self.optimizer_kind is None:
+            return None
+        return torch.optim.AdamW(self.parameters(), lr=self.lr)  # everything, frozen included: the common mistake
+
+
+def loader(n: int = 16, length: int = 16, batch_size: int = 4) -> DataLoader:
+    ids = torch.randint(1, VOCAB, (n, length), generator=torch.Generator().manual_seed(0))
+    return DataLoader(TensorDataset(ids), batch_size=batch_size)
+
+
+def trainer(**kwargs) -> L.Trainer:
+    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                    enable_checkpointing=False, max_steps=4)
+    return L.Trainer(**{**defaults, **kwargs})
