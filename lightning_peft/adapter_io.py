@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lightning_peft.atomic import atomic_directory
-from lightning_peft.errors import AdapterFileError, AdapterMismatchError
+from lightning_peft.errors import AdapterFileError, AdapterMismatchError, TargetModulesError
 from lightning_peft.methods.base import AdapterConfig
 from lightning_peft.surgery import (
     active_config,
@@ -137,7 +137,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, is_trainable: bool =
     config, tensors, spelling = read_adapter(path)
     _, hf = find_transformer(model)
     flags = {name: p.requires_grad for name, p in hf.named_parameters()}
-    attach(hf, config)
+    try:
+        attach(hf, config)
+    except TargetModulesError as err:
+        raise AdapterMismatchError(f"{path} does not fit {type(hf).__name__}: {err}") from None
     try:
         names = adapter_names(hf, active_config(hf))
         if spelling == "disk":

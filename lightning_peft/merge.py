@@ -58,22 +58,28 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dic
     layers = adapter_layers(hf)
     if not layers:
         raise AdapterMismatchError(f"{type(hf).__name__} holds no adapter to merge.")
-    cast_cache: dict[int, torch.Tensor] = {}
-
-    def cast(tensor: torch.Tensor) -> torch.Tensor:
-        tensor = tensor.detach()
-        if dtype is None or not tensor.is_floating_point():
-            return tensor
-        # Tied tensors (embeddings and lm_head) stay one tensor after the cast.
-        return cast_cache.setdefault(id(tensor), tensor.to(dtype))
-
-    merged = {f"{path}.{k}": cast(v) for path, layer in layers.items() for k, v in layer.merged_state_dict().items()}
-    plain = {}
+    merged = {f"{path}.{k}": v for path, layer in layers.items() for k, v in layer.merged_state_dict().items()}
+    source = {}
     for key, tensor in hf.state_dict(keep_vars=True).items():
         parts = key.split(".")
         if not any(".".join(parts[:i]) in layers for i in range(1, len(parts))):
-            plain[key] = cast(tensor)
-    return {**plain, **merged}
+            source[key] = tensor.detach()
+    source.update(merged)
+    if dtype is None:
+        return source
+    # Every source tensor is alive here, so storage addresses identify tied tensors (embeddings and lm_head),
+    # which stay one tensor after the cast.
+    cast: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for key, tensor in source.items():
+        if not tensor.is_floating_point():
+            out[key] = tensor
+            continue
+        ident = (tensor.data_ptr(), tensor.shape, tensor.stride())
+        if ident not in cast:
+            cast[ident] = tensor.to(dtype)
+        out[key] = cast[ident]
+    return out
 
 
 def export_merged(
