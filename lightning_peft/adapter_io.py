@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -19,6 +21,7 @@ from torch import nn
 
 from lightning_peft.atomic import atomic_directory
 from lightning_peft.errors import AdapterFileError, AdapterMismatchError, TargetModulesError
+from lightning_peft.fingerprint import base_fingerprint, fingerprint_mismatch
 from lightning_peft.methods.base import AdapterConfig
 from lightning_peft.surgery import (
     active_config,
@@ -30,6 +33,7 @@ from lightning_peft.surgery import (
 )
 
 CONFIG_NAME = "adapter_config.json"
+FINGERPRINT_KEY = "base_model_fingerprint"
 WEIGHTS_NAME = "adapter_model.safetensors"
 DISK_PREFIX = "base_model.model."
 
@@ -64,14 +68,18 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_adapter(model: nn.Module, save_directory: str | os.PathLike) -> Path:
     """Write the adapter in ``model`` (a transformers model or a module holding one) as an HF PEFT directory.
 
-    The directory is written atomically: it is complete under its final name or not there at all.
+    The directory is written atomically: it is complete under its final name or not there at all. In a
+    distributed run only global rank 0 writes (every rank holds the same adapter).
     """
     _, hf = find_transformer(model)
     config = _require_adapter(hf)
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+        return Path(save_directory)
     tensors = adapter_state_dict(hf)
     content = config.to_dict()
     if content.get("base_model_name_or_path") is None:
         content["base_model_name_or_path"] = getattr(hf.config, "_name_or_path", None) or None
+    content[FINGERPRINT_KEY] = base_fingerprint(hf)
     if any(getattr(layer, "transposed", False) for layer in adapter_layers(hf).values()):
         content["fan_in_fan_out"] = True
     with atomic_directory(save_directory) as tmp:
@@ -80,11 +88,12 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike) -> Path:
     return Path(save_directory)
 
 
-def read_adapter(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torch.Tensor], str]:
+def read_adapter(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torch.Tensor], str, Any]:
     """Read an adapter directory or a lightning_peft checkpoint file without touching any model.
 
-    Returns the config, the tensors and how their keys are spelled: ``"disk"`` (HF PEFT keys) or a module path
-    prefix (checkpoint state-dict keys are relative to the LightningModule).
+    Returns the config, the tensors, how their keys are spelled (``"disk"``: HF PEFT keys; otherwise the module
+    path prefix of checkpoint state-dict keys, which are relative to the LightningModule) and the recorded base
+    fingerprint (None when absent).
     """
     path = Path(path)
     if path.is_file():
@@ -105,15 +114,16 @@ def read_adapter(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torc
         data = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AdapterFileError(f"{config_path} is not valid JSON ({err}); re-save the adapter.") from None
+    fingerprint = data.pop(FINGERPRINT_KEY, None) if isinstance(data, dict) else None
     config = AdapterConfig.from_dict(data, source=str(config_path))
     try:
         tensors = load_file(weights_path)
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise AdapterFileError(f"{weights_path} is not a readable safetensors file ({err}); re-save it.") from None
-    return config, tensors, "disk"
+    return config, tensors, "disk", fingerprint
 
 
-def _read_checkpoint(path: Path) -> tuple[AdapterConfig, dict[str, torch.Tensor], str]:
+def _read_checkpoint(path: Path) -> tuple[AdapterConfig, dict[str, torch.Tensor], str, Any]:
     from lightning_peft.checkpoint import read_checkpoint
 
     try:
@@ -124,18 +134,30 @@ def _read_checkpoint(path: Path) -> tuple[AdapterConfig, dict[str, torch.Tensor]
     if not isinstance(meta, dict) or "adapter_config" not in meta:
         raise AdapterFileError(f"{path} is not a checkpoint written under PeftCallback (no adapter record).")
     config = AdapterConfig.from_dict(meta["adapter_config"], source=f"{path} (adapter_config)")
-    return config, checkpoint["state_dict"], str(meta.get("model_prefix", ""))
+    return config, checkpoint["state_dict"], str(meta.get("model_prefix", "")), meta.get(FINGERPRINT_KEY)
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, is_trainable: bool = False) -> nn.Module:
+def load_adapter(
+    model: nn.Module, path: str | os.PathLike, is_trainable: bool = False, strict: bool = False
+) -> nn.Module:
     """Inject the adapter saved at ``path`` into ``model`` in place and return the model to call.
 
     ``path`` is an adapter directory (ours or HF PEFT's) or a checkpoint written under ``PeftCallback``.
     Every file, key and shape is checked before the first weight is written: on any error the model is left as
     it was. With ``is_trainable=False`` (inference) the adapter's tensors are frozen too.
+
+    The adapter records a fingerprint of the base it was trained on; loading it onto another base with the same
+    shapes warns loudly, or with ``strict=True`` is refused (AdapterMismatchError).
     """
-    config, tensors, spelling = read_adapter(path)
+    config, tensors, spelling, fingerprint = read_adapter(path)
     _, hf = find_transformer(model)
+    reason = fingerprint_mismatch(hf, fingerprint)
+    if reason is not None:
+        message = (f"{path} was trained on another base model than this {type(hf).__name__}: {reason}. Its outputs "
+                   f"will be wrong; load it onto {config.base_model_name_or_path or 'the base it was trained on'}.")
+        if strict:
+            raise AdapterMismatchError(message)
+        warnings.warn(message, stacklevel=2)
     flags = {name: p.requires_grad for name, p in hf.named_parameters()}
     try:
         attach(hf, config)

@@ -21,8 +21,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
+from lightning_peft.adapter_io import FINGERPRINT_KEY
 from lightning_peft.checkpoint import AdapterCheckpointIO
 from lightning_peft.errors import AdapterMismatchError
+from lightning_peft.fingerprint import base_fingerprint
 from lightning_peft.methods.base import AdapterConfig
 from lightning_peft.optim import OptimName, build_optimizer
 from lightning_peft.surgery import active_config, adapter_layers, attach, count_parameters, find_transformer
@@ -126,8 +128,9 @@ class PeftCallback(Callback):
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         keys = self.checkpoint_keys(pl_module)
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
-        config = active_config(find_transformer(pl_module)[1])
-        checkpoint["peft"] = {"adapter_config": config.to_dict(), "model_prefix": self._prefix}
+        model = find_transformer(pl_module)[1]
+        checkpoint["peft"] = {"adapter_config": active_config(model).to_dict(), "model_prefix": self._prefix,
+                              FINGERPRINT_KEY: base_fingerprint(model)}
 
     def _validate_checkpoint(self, checkpoint: dict[str, Any], path: str) -> None:
         """Refuse, before Lightning restores anything, a checkpoint whose tensors do not fit the adapted module."""

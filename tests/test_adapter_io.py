@@ -177,3 +177,36 @@ def test_save_replaces_an_existing_directory_atomically(saved, tmp_path):
     save_adapter(model, path)
     assert json.loads((path / "adapter_config.json").read_text())["r"] == 2
     assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_another_base_with_the_same_shapes_warns_or_is_refused(saved):
+    path, _ = saved
+    assert "base_model_fingerprint" in json.loads((path / "adapter_config.json").read_text())
+    with pytest.warns(UserWarning, match="another base model.*embedding"):
+        load_adapter(make_model("llama", seed=1), path)
+    stranger = make_model("llama", seed=1)
+    snapshot = _snapshot(stranger)
+    with pytest.raises(AdapterMismatchError, match="another base model"):
+        load_adapter(stranger, path, strict=True)
+    _assert_unchanged(stranger, snapshot)
+
+
+def test_same_base_in_bfloat16_is_recognised(saved, recwarn):
+    path, _ = saved
+    load_adapter(make_model("llama").to(torch.bfloat16), path, strict=True)
+    assert not [w for w in recwarn if "another base" in str(w.message)]
+
+
+def test_adapter_loads_from_a_lightning_checkpoint(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_helpers import CausalLM, loader, trainer
+    from lightning_peft import PeftCallback
+
+    module = CausalLM()
+    trainer(callbacks=[PeftCallback(LoraConfig(**LORA)), ModelCheckpoint(dirpath=tmp_path, save_last=True)],
+            enable_checkpointing=True, max_steps=2).fit(module, loader())
+    module.model.eval()
+    expected = module.model(**batch()).logits
+    model = load_adapter(make_model("llama"), tmp_path / "last.ckpt", strict=True)
+    torch.testing.assert_close(model(**batch()).logits, expected, rtol=0, atol=1e-6)
