@@ -2,7 +2,7 @@
 
 ``PeftCallback.on_save_checkpoint`` trims the state dict to what trains; ``AdapterCheckpointIO`` (Lightning's
 ``CheckpointIO`` plugin, so every writer goes through it: ``ModelCheckpoint``, ``trainer.save_checkpoint``)
-stores those tensors as safetensors bytes, writes the file atomically, and reads it back with ``weights_only``
+stores those tensors as one safetensors blob, writes the file atomically, and reads it back with ``weights_only``
 so a checkpoint can never run code.
 """
 
@@ -28,13 +28,15 @@ def encode_state_dict(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """A copy of ``checkpoint`` whose state dict is one safetensors blob."""
     encoded = dict(checkpoint)
     state = encoded.pop("state_dict", {})
-    encoded[SAFETENSORS_KEY] = save_safetensors({k: v.detach().cpu().contiguous() for k, v in state.items()})
+    blob = save_safetensors({k: v.detach().cpu().contiguous() for k, v in state.items()})
+    # A uint8 tensor, not bytes: torch.save pickles bytes (protocol 2) as latin-1 text, 1.5 times their size.
+    encoded[SAFETENSORS_KEY] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
     return encoded
 
 
 def decode_state_dict(checkpoint: dict[str, Any]) -> dict[str, Any]:
     if SAFETENSORS_KEY in checkpoint:
-        checkpoint["state_dict"] = load_safetensors(checkpoint.pop(SAFETENSORS_KEY))
+        checkpoint["state_dict"] = load_safetensors(checkpoint.pop(SAFETENSORS_KEY).cpu().numpy().tobytes())
     return checkpoint
 
 
