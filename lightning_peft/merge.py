@@ -2,13 +2,15 @@
 
 The export never changes the training model: each adapted layer hands over its merged weights
 (``AdapterLayer.merged_state_dict``), the rest of the state dict is cast to the export dtype, and
-``save_pretrained`` writes a plain transformers directory that loads without this package.
+``save_pretrained`` writes a plain transformers directory that loads without this package. A 4-bit or 8-bit
+base is dequantized layer by layer (the delta added in the compute dtype), so the export needs no bitsandbytes.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +22,7 @@ from typing_extensions import override
 
 from lightning_peft.atomic import atomic_directory
 from lightning_peft.errors import AdapterMismatchError, ConfigError
+from lightning_peft.quantization import dequantize, dequantize_module, is_quantized
 from lightning_peft.surgery import adapter_layers, find_transformer, set_submodule
 
 ExportDtype = Literal["float32", "bfloat16", "float16"]
@@ -45,6 +48,7 @@ def merge_adapter(model: nn.Module, dtype: ExportDtype | None = None) -> nn.Modu
     if not layers:
         raise AdapterMismatchError(f"{type(hf).__name__} holds no adapter to merge.")
     merged = {path: layer.merged_module() for path, layer in layers.items()}  # refuses before any swap
+    merged.update({path: dequantize_module(m) for path, m in _bare_quantized(hf, layers).items()})
     for path, module in merged.items():
         set_submodule(hf, path, module)
     if torch_dtype is not None:
@@ -59,10 +63,15 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dic
     if not layers:
         raise AdapterMismatchError(f"{type(hf).__name__} holds no adapter to merge.")
     merged = {f"{path}.{k}": v for path, layer in layers.items() for k, v in layer.merged_state_dict().items()}
+    quantized = _bare_quantized(hf, layers)
+    for path, module in quantized.items():
+        merged[f"{path}.weight"] = dequantize(module)
+        if module.bias is not None:
+            merged[f"{path}.bias"] = module.bias.detach()
+    replaced = layers.keys() | quantized.keys()
     source = {}
     for key, tensor in hf.state_dict(keep_vars=True).items():
-        parts = key.split(".")
-        if not any(".".join(parts[:i]) in layers for i in range(1, len(parts))):
+        if not _under(key, replaced):
             source[key] = tensor.detach()
     source.update(merged)
     if dtype is None:
@@ -80,6 +89,17 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dic
             cast[ident] = tensor.to(dtype)
         out[key] = cast[ident]
     return out
+
+
+def _under(key: str, paths: Collection[str]) -> bool:
+    """Whether ``key`` names something inside one of the modules at ``paths``."""
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in paths for i in range(1, len(parts)))
+
+
+def _bare_quantized(model: nn.Module, layers: Collection[str]) -> dict[str, nn.Module]:
+    """Quantized layers no adapter covers: exported dequantized, so the result needs no bitsandbytes."""
+    return {p: m for p, m in model.named_modules() if is_quantized(m) and not _under(p, layers)}
 
 
 def export_merged(

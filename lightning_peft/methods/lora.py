@@ -31,6 +31,7 @@ from lightning_peft.methods.base import (
     output_head_paths,
     select_targets,
 )
+from lightning_peft.quantization import compute_dtype, dense_linear, dequantize, is_quantized
 
 # What HF PEFT targets when target_modules is not given, for the families we test.
 DEFAULT_TARGETS = {
@@ -173,9 +174,10 @@ class LoraLayer(AdapterLayer):
         if self.merged:
             return result
         h = x if self.lora_dropout is None else self.lora_dropout(x)
-        down = F.linear(h.to(self.lora_A.dtype), self.lora_A)  # (..., r): the cheap side of the product
+        dtype = compute_dtype(self.base_layer) or self.lora_A.dtype  # a 4-bit base sets the LoRA path's dtype too
+        down = F.linear(h.to(dtype), self.lora_A.to(dtype))  # (..., r): the cheap side of the product
         if result.dtype != down.dtype:
-            return result + F.linear(down * self.scaling, self.lora_B).to(result.dtype)
+            return result + F.linear(down * self.scaling, self.lora_B.to(dtype)).to(result.dtype)
         # One GEMM adds scaling · down @ B^T onto the base output: no full-size temporaries.
         flat = torch.addmm(result.reshape(-1, self.out_features), down.reshape(-1, self.r), self.lora_B.t(),
                            alpha=self.scaling)
@@ -186,7 +188,9 @@ class LoraLayer(AdapterLayer):
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
 
     def dense_weight(self) -> torch.Tensor:
-        """The base weight as an (out, in) tensor in its own dtype."""
+        """The base weight as an (out, in) tensor in its own dtype (a quantized one dequantized)."""
+        if is_quantized(self.base_layer):
+            return dequantize(self.base_layer)
         weight = self.base_layer.weight
         return weight.t() if self.transposed else weight
 
@@ -214,6 +218,9 @@ class LoraLayer(AdapterLayer):
         return self.base_layer
 
     def merged_module(self) -> nn.Module:
+        if is_quantized(self.base_layer):  # a plain layer in the compute dtype: rounding back would lose the update
+            state = self.merged_state_dict()
+            return dense_linear(state["weight"], state.get("bias"))
         self.merge()
         return self.base_layer
 

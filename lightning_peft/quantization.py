@@ -1,0 +1,204 @@
+"""4-bit and 8-bit base weights with bitsandbytes: the config and three verbs.
+
+- ``quantize(linear, config, device)``: the bitsandbytes layer (``Linear4bit`` or ``Linear8bitLt``) that takes
+  ``linear``'s place. A ``linear`` on the meta device gives an empty layer, filled later by ``load_weight``.
+- ``load_weight(layer, tensor, device)``: quantize one full-precision weight into ``layer`` on ``device``
+  (how streaming loads a checkpoint tensor by tensor).
+- ``dequantize(layer)``: the layer's weight as a dense ``(out, in)`` tensor (merges, exports).
+
+bitsandbytes is imported inside the functions that need it, so ``import lightning_peft`` never loads it; a module
+can only be a bitsandbytes layer if bitsandbytes was imported, which is what ``is_quantized`` relies on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Literal
+
+import torch
+from torch import nn
+
+from lightning_peft.errors import ConfigError
+from lightning_peft.methods.base import check_module_patterns, match_module_name, output_head_paths
+from lightning_peft.surgery import set_submodule
+
+_FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_STORAGE_DTYPES = {"uint8": torch.uint8, **_FLOAT_DTYPES}
+# Heads never quantized when llm_int8_skip_modules is not given (besides the output embedding).
+DEFAULT_SKIP = ["classifier", "score"]
+
+
+def _dtype_name(value: object, field: str, allowed: dict[str, torch.dtype]) -> str:
+    name = str(value).removeprefix("torch.") if isinstance(value, (str, torch.dtype)) else value
+    if name not in allowed:
+        raise ConfigError(f"{field}={value!r} is not one of {sorted(allowed)}.")
+    return name
+
+
+@dataclasses.dataclass
+class QuantizationConfig:
+    """How the frozen base is quantized; field names and defaults are those of transformers' ``BitsAndBytesConfig``.
+
+    Example (QLoRA as in the paper)::
+
+        QuantizationConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype="bfloat16")
+    """
+
+    load_in_4bit: bool = False
+    """Replace every linear layer (but the skipped ones) by a 4-bit ``Linear4bit``."""
+    load_in_8bit: bool = False
+    """Replace them by LLM.int8() ``Linear8bitLt`` layers instead."""
+    bnb_4bit_quant_type: Literal["fp4", "nf4"] = "fp4"
+    """``"nf4"`` (NormalFloat, the QLoRA choice for normally distributed weights) or ``"fp4"``."""
+    bnb_4bit_use_double_quant: bool = False
+    """Quantize the per-block scales too: about 4.1 instead of 4.5 bits per weight."""
+    bnb_4bit_compute_dtype: str = "float32"
+    """dtype of the matmuls of 4-bit layers and of the LoRA path on them: ``float32``, ``bfloat16`` or ``float16``."""
+    bnb_4bit_quant_storage: str = "uint8"
+    """dtype the packed 4-bit data is stored as; a float dtype lets FSDP flatten it with other tensors."""
+    llm_int8_skip_modules: list[str] | None = None
+    """Linear layers kept in full precision, by name or path suffix. ``None``: the output head (``lm_head``) and
+    classification heads (``classifier``, ``score``). Modules the adapter trains in full are always skipped."""
+    llm_int8_threshold: float = 6.0
+    """8-bit only: input columns with larger values are multiplied in 16-bit (LLM.int8() outliers); 0 disables."""
+
+    def __post_init__(self) -> None:
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ConfigError("load_in_4bit and load_in_8bit are both set; choose one.")
+        if not (self.load_in_4bit or self.load_in_8bit):
+            raise ConfigError("Set load_in_4bit=True or load_in_8bit=True (pass quantization=None for none).")
+        if self.bnb_4bit_quant_type not in ("fp4", "nf4"):
+            raise ConfigError(f"bnb_4bit_quant_type must be 'nf4' or 'fp4', got {self.bnb_4bit_quant_type!r}.")
+        self.bnb_4bit_compute_dtype = _dtype_name(self.bnb_4bit_compute_dtype, "bnb_4bit_compute_dtype", _FLOAT_DTYPES)
+        self.bnb_4bit_quant_storage = _dtype_name(self.bnb_4bit_quant_storage, "bnb_4bit_quant_storage",
+                                                  _STORAGE_DTYPES)
+        check_module_patterns("llm_int8_skip_modules", self.llm_int8_skip_modules)
+        if isinstance(self.llm_int8_skip_modules, str):
+            raise ConfigError(f"llm_int8_skip_modules must be a list of names, got {self.llm_int8_skip_modules!r}.")
+        if not isinstance(self.llm_int8_threshold, (int, float)) or self.llm_int8_threshold < 0:
+            raise ConfigError(f"llm_int8_threshold must be a number >= 0, got {self.llm_int8_threshold!r}.")
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return _FLOAT_DTYPES[self.bnb_4bit_compute_dtype]
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """Whether ``module`` is a bitsandbytes 4-bit or 8-bit linear layer."""
+    if "bitsandbytes" not in sys.modules:
+        return False
+    import bitsandbytes as bnb
+
+    return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+
+
+def compute_dtype(module: nn.Module) -> torch.dtype | None:
+    """The dtype a 4-bit layer multiplies in (None for others: they compute in their input's dtype)."""
+    return getattr(module, "compute_dtype", None) if is_quantized(module) else None
+
+
+def quantize(linear: nn.Linear, config: QuantizationConfig, device: torch.device | str) -> nn.Module:
+    """The bitsandbytes layer replacing ``linear``, its weight quantized on ``device`` (bias kept as is).
+
+    A ``linear`` on the meta device gives a layer whose weight is still to be loaded with ``load_weight``.
+    """
+    import bitsandbytes as bnb
+
+    bias = linear.bias is not None
+    if config.load_in_4bit:
+        layer = bnb.nn.Linear4bit(
+            linear.in_features, linear.out_features, bias=bias, compute_dtype=config.compute_dtype,
+            compress_statistics=config.bnb_4bit_use_double_quant, quant_type=config.bnb_4bit_quant_type,
+            quant_storage=_STORAGE_DTYPES[config.bnb_4bit_quant_storage], device="meta",
+        )
+    else:
+        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False,
+                                    threshold=config.llm_int8_threshold, device="meta")
+    if bias:
+        layer.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+    if linear.weight.device.type != "meta":
+        load_weight(layer, linear.weight.detach(), device)
+    return layer
+
+
+def load_weight(layer: nn.Module, tensor: torch.Tensor, device: torch.device | str) -> None:
+    """Quantize the full-precision ``(out, in)`` weight ``tensor`` into ``layer`` on ``device``."""
+    import bitsandbytes as bnb
+
+    expected = (layer.out_features, layer.in_features)
+    if tuple(tensor.shape) != expected:
+        raise ValueError(f"weight of shape {tuple(tensor.shape)} does not fit a {expected} quantized layer.")
+    if isinstance(layer, bnb.nn.Linear4bit):
+        # Quantizing from the compute dtype makes dequantization return exactly what the forward multiplies by.
+        data = tensor.to(layer.compute_dtype or tensor.dtype)
+        layer.weight = bnb.nn.Params4bit(
+            data, requires_grad=False, compress_statistics=layer.weight.compress_statistics,
+            quant_type=layer.weight.quant_type, quant_storage=layer.quant_storage, module=layer,
+        ).to(device)  # Params4bit quantizes when first moved to a real device
+    else:
+        # Int8Params quantizes when moved off the CPU's full-precision copy.
+        layer.weight = bnb.nn.Int8Params(tensor.cpu(), requires_grad=False, has_fp16_weights=False).to(device)
+
+
+@torch.no_grad()
+def dequantize(layer: nn.Module) -> torch.Tensor:
+    """The weight of a bitsandbytes layer as a dense ``(out, in)`` tensor: in the compute dtype for 4-bit (what
+    its forward multiplies by), in float32 for 8-bit (int8 times its row scale is exact there)."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnb_f
+
+    weight = layer.weight
+    if isinstance(layer, bnb.nn.Linear4bit):
+        data, state = weight.data, weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            # Some CPUs repack 4-bit weights for a faster inference kernel; undo it (non-destructively).
+            data, state = bnb_f._convert_weight_packed_for_cpu_inverse(data, state)
+        dense = bnb_f.dequantize_4bit(data, state).reshape(layer.out_features, layer.in_features)
+        return dense.to(layer.compute_dtype or dense.dtype)
+    # LLM.int8(): int8 rows scaled by their absmax / 127. The scales move to layer.state after the first forward.
+    scales = weight.SCB if getattr(weight, "SCB", None) is not None else layer.state.SCB
+    return bnb_f.int8_vectorwise_dequant(weight.data, scales)
+
+
+def dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """A plain ``nn.Linear`` holding ``weight`` (out, in) and ``bias``, built without a random init."""
+    linear = nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None,
+                                device=weight.device, dtype=weight.dtype)
+    linear.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.detach().to(weight.dtype).clone(), requires_grad=False)
+    return linear
+
+
+def dequantize_module(layer: nn.Module) -> nn.Linear:
+    """The plain ``nn.Linear`` a bitsandbytes layer stands for."""
+    return dense_linear(dequantize(layer), layer.bias)
+
+
+def skip_paths(model: nn.Module, config: QuantizationConfig, keep: set[str] = frozenset()) -> set[str]:
+    """Paths of linear layers left in full precision: the configured ones (or the heads), ``keep`` and every
+    module under it, and layers whose weight is shared with another module (tied embeddings)."""
+    names = DEFAULT_SKIP if config.llm_int8_skip_modules is None else config.llm_int8_skip_modules
+    skip = set(output_head_paths(model)) if config.llm_int8_skip_modules is None else set()
+    owners: dict[int, list[str]] = {}
+    for path, module in model.named_modules():
+        if match_module_name(path, names) or any(path == k or path.startswith(k + ".") for k in keep):
+            skip.add(path)
+        weight = module.__dict__.get("_parameters", {}).get("weight")
+        if weight is not None:
+            owners.setdefault(id(weight), []).append(path)
+    skip.update(p for paths in owners.values() if len(paths) > 1 for p in paths)
+    return skip
+
+
+def quantize_model(model: nn.Module, config: QuantizationConfig, device: torch.device | str,
+                   skip: set[str]) -> list[str]:
+    """Replace every ``nn.Linear`` of ``model`` not in ``skip`` by its quantized layer, one at a time (so only
+    one full-precision weight is copied at once); returns the replaced paths."""
+    targets = [path for path, module in model.named_modules()
+               if type(module) is nn.Linear and path not in skip]
+    for path in targets:
+        set_submodule(model, path, quantize(model.get_submodule(path), config, device))
+    return targets
