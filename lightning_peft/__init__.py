@@ -1,7 +1,9 @@
 """Parameter-efficient fine-tuning of transformers models, the Lightning way."""
 
+from lightning_peft.adapter_callback import SaveAdapterCallback
 from lightning_peft.adapter_io import load_adapter, save_adapter
 from lightning_peft.callback import PeftCallback
+from lightning_peft.data import ChatDataModule, TextClassificationDataModule
 from lightning_peft.errors import (
     AdapterFileError,
     AdapterMismatchError,
@@ -11,18 +13,31 @@ from lightning_peft.errors import (
     TargetModulesError,
 )
 from lightning_peft.merge import MergeCallback, export_merged, merge_adapter
-from lightning_peft.methods import LoraConfig
+from lightning_peft.methods import LoraConfig, PrefixTuningConfig, PromptTuningConfig
+from lightning_peft.modules import CausalLMModule, SequenceClassificationModule
+from lightning_peft.quantization import QuantizationConfig
+from lightning_peft.strategy import PeftDDPStrategy, PeftStrategy
 
 __all__ = [
     "AdapterFileError",
     "AdapterMismatchError",
+    "CausalLMModule",
+    "ChatDataModule",
     "ConfigError",
     "LoraConfig",
     "MergeCallback",
     "MergeError",
     "PeftCallback",
+    "PeftDDPStrategy",
     "PeftError",
+    "PeftStrategy",
+    "PrefixTuningConfig",
+    "PromptTuningConfig",
+    "QuantizationConfig",
+    "SaveAdapterCallback",
+    "SequenceClassificationModule",
     "TargetModulesError",
+    "TextClassificationDataModule",
     "export_merged",
     "load_adapter",
     "merge_adapter",

@@ -1,0 +1,388 @@
+"""DataModules for the two built-in tasks: chat/instruction tuning and labelled-text classification.
+
+Both take the tokenizer of the module they feed (``trainer.lightning_module.tokenizer``) in ``setup``, so the
+tokenizer is loaded once and always matches the model. The validation split is held out by a hash of the
+prompt (or text): every copy of a question lands on the same side, so validation questions are never trained on.
+
+Chat records, one JSON object per line, in any of three shapes::
+
+    {"instruction": "...", "input": "...", "output": "..."}                          # Alpaca
+    {"conversations": [{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}]}  # ShareGPT
+    {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}  # chat
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import gzip
+import hashlib
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+
+from lightning_peft.errors import ConfigError
+from lightning_peft.resources import resolve_path
+
+IGNORE_INDEX = -100
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
+          "model": "assistant", "system": "system"}
+
+
+def open_text(path: str) -> io.TextIOBase:
+    """Open a text file for reading, decompressing ``.bz2`` and ``.gz`` by suffix."""
+    path = resolve_path(path)
+    if not Path(path).is_file():
+        raise ConfigError(f"data file {path} does not exist.")
+    if path.endswith(".bz2"):
+        return bz2.open(path, "rt", encoding="utf-8")
+    if path.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def read_jsonl(path: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-empty line; a malformed line is refused with its number."""
+    with open_text(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{path}:{number} is not valid JSON ({err}).") from None
+            if not isinstance(record, dict):
+                raise ConfigError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}.")
+            yield number, record
+
+
+def to_messages(record: dict, where: str = "record") -> list[dict[str, str]]:
+    """Normalize an Alpaca, ShareGPT or chat record to ``[{"role", "content"}, ...]``."""
+    if "messages" in record:
+        turns = [(m.get("role"), m.get("content")) for m in record["messages"] if isinstance(m, dict)]
+    elif "conversations" in record:
+        turns = [(m.get("from"), m.get("value")) for m in record["conversations"] if isinstance(m, dict)]
+    elif "instruction" in record and "output" in record:
+        prompt = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+        turns = ([("system", record["system"])] if record.get("system") else []) + [
+            ("user", prompt), ("assistant", record["output"])]
+    else:
+        raise ConfigError(
+            f"{where}: expected 'messages' (role/content), 'conversations' (from/value) or "
+            f"'instruction'/'output' (Alpaca); got keys {sorted(record)}."
+        )
+    messages = []
+    for role, content in turns:
+        if role not in _ROLES or not isinstance(content, str):
+            raise ConfigError(f"{where}: a turn has role {role!r} and content {content!r}; roles are {sorted(_ROLES)}.")
+        messages.append({"role": _ROLES[role], "content": content})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ConfigError(f"{where}: the conversation has no assistant turn to learn from.")
+    return messages
+
+
+def render_chat(messages: list[dict[str, str]], tokenizer: Any) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation as text, and the character spans of the assistant turns (what the loss covers).
+
+    With a chat template, each assistant span runs from the end of the prompt the template builds for it to the
+    end of the turn, so it includes the template's end-of-turn marker: the model learns to stop. Without one, a
+    plain ``User:``/``Assistant:`` layout is used, each answer ended by the EOS token.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+            turn = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+            if not (text.startswith(prompt) and text.startswith(turn)):
+                raise ConfigError(
+                    "The tokenizer's chat template renders earlier turns differently once later ones follow, so "
+                    "response tokens cannot be located; set chat_template to a template without that behaviour."
+                )
+            spans.append((len(prompt), len(turn)))
+        return text, spans
+    eos = tokenizer.eos_token or ""
+    text, spans = "", []
+    for message in messages:
+        if message["role"] == "assistant":
+            text += "Assistant: "
+            spans.append((len(text), len(text) + len(message["content"]) + len(eos)))
+            text += message["content"] + eos + "\n"
+        else:
+            text += f"{message['role'].capitalize()}: {message['content']}\n"
+    return text, spans
+
+
+def prompt_text(messages: list[dict[str, str]], tokenizer: Any) -> str:
+    """The text a model continues to answer ``messages`` (which end with a user turn)."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
+
+
+def tokenize_chat(messages: list[dict[str, str]], tokenizer: Any, max_length: int) -> dict[str, list[int]]:
+    """Token ids and labels (``-100`` outside the assistant turns), truncated to ``max_length``."""
+    text, spans = render_chat(messages, tokenizer)
+    encoded = tokenizer(text, add_special_tokens=not getattr(tokenizer, "chat_template", None),
+                        return_offsets_mapping=True, truncation=True, max_length=max_length)
+    labels = [
+        token if end > begin and any(first <= begin < last for first, last in spans) else IGNORE_INDEX
+        for token, (begin, end) in zip(encoded["input_ids"], encoded["offset_mapping"])
+    ]
+    return {"input_ids": list(encoded["input_ids"]), "labels": labels}
+
+
+def held_out(key: str, fraction: float) -> bool:
+    """Deterministic split by content: the same key always lands on the same side, on every machine."""
+    digest = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big")
+    return digest / 2**64 < fraction
+
+
+def pack(examples: list[dict[str, list[int]]], max_length: int) -> list[dict[str, list[int]]]:
+    """Concatenate consecutive examples into rows of at most ``max_length`` tokens (fewer pad tokens per batch).
+
+    Attention spans the examples sharing a row, as in the simple packing most trainers offer; labels still cover
+    only the responses.
+    """
+    rows: list[dict[str, list[int]]] = []
+    for example in examples:
+        if rows and len(rows[-1]["input_ids"]) + len(example["input_ids"]) <= max_length:
+            rows[-1]["input_ids"] += example["input_ids"]
+            rows[-1]["labels"] += example["labels"]
+        else:
+            rows.append({"input_ids": list(example["input_ids"]), "labels": list(example["labels"])})
+    return rows
+
+
+def pad_batch(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Dynamic padding: pad to the longest example of the batch, on the right."""
+    length = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example["input_ids"])
+        ids[row, :n] = torch.tensor(example["input_ids"])
+        labels[row, :n] = torch.tensor(example["labels"])
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class _TokenizerDataModule(L.LightningDataModule):
+    """Takes its tokenizer from the module it feeds, unless one was assigned to ``self.tokenizer``."""
+
+    def __init__(self, batch_size: int, num_workers: int) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {batch_size}.")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.tokenizer: Any = None
+
+    def _tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            module = self.trainer.lightning_module if self.trainer is not None else None
+            self.tokenizer = getattr(module, "tokenizer", None)
+        if self.tokenizer is None:
+            raise ConfigError(f"{type(self).__name__} needs a tokenizer: use it with a module that has a "
+                              f"`tokenizer` attribute, or assign datamodule.tokenizer before fitting.")
+        return self.tokenizer
+
+    def _loader(self, dataset: list, shuffle: bool) -> DataLoader:
+        """Batches padded by the subclass's ``collate``."""
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          collate_fn=self.collate)
+
+
+class ChatDataModule(_TokenizerDataModule):
+    """Instruction or chat data from JSONL (Alpaca, ShareGPT or messages records), loss on responses only.
+
+    Args:
+        train_file: JSONL file (``.gz``/``.bz2`` accepted, ``package:NAME/path`` for a file inside a package).
+        val_file: held-out JSONL; when absent, ``val_fraction`` of ``train_file`` is held out by prompt.
+        val_fraction: share of distinct prompts held out for validation when there is no ``val_file``.
+        max_length: examples are truncated to this many tokens.
+        packing: concatenate short training examples into rows of up to ``max_length`` tokens.
+        max_train_examples, max_val_examples: keep only the first N (quick runs).
+    """
+
+    def __init__(
+        self,
+        train_file: str,
+        val_file: str | None = None,
+        val_fraction: float = 0.05,
+        max_length: int = 512,
+        batch_size: int = 8,
+        packing: bool = False,
+        max_train_examples: int | None = None,
+        max_val_examples: int | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(batch_size, num_workers)
+        if not 0 <= val_fraction < 1:
+            raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+        if max_length < 2:
+            raise ConfigError(f"max_length must be at least 2, got {max_length}.")
+        self.train_file, self.val_file, self.val_fraction = train_file, val_file, val_fraction
+        self.max_length, self.packing = max_length, packing
+        self.max_train_examples, self.max_val_examples = max_train_examples, max_val_examples
+        self.train: list[dict[str, list[int]]] = []
+        self.val: list[dict[str, list[int]]] = []
+        self.val_prompts: list[list[dict[str, str]]] = []
+
+    def conversations(self) -> tuple[list[list[dict]], list[list[dict]]]:
+        """(train, validation) conversations, before tokenization."""
+        train, val = [], []
+        for number, record in read_jsonl(self.train_file):
+            messages = to_messages(record, f"{self.train_file}:{number}")
+            first_user = next((m["content"] for m in messages if m["role"] == "user"), "")
+            (val if self.val_file is None and held_out(first_user, self.val_fraction) else train).append(messages)
+        if self.val_file is not None:
+            val = [to_messages(r, f"{self.val_file}:{n}") for n, r in read_jsonl(self.val_file)]
+        return train[: self.max_train_examples], val[: self.max_val_examples]
+
+    def setup(self, stage: str) -> None:
+        if self.train or self.val:
+            return
+        tokenizer = self._tokenizer()
+        train, val = self.conversations()
+        if not train:
+            raise ConfigError(f"{self.train_file} holds no training examples after the validation split.")
+        self.train = self._tokenize(train, tokenizer)
+        self.val = self._tokenize(val, tokenizer)
+        self.val_prompts = [m[: max(i for i, t in enumerate(m) if t["role"] == "assistant")] for m in val]
+        if self.packing:
+            self.train = pack(self.train, self.max_length)
+        rank_zero_info(f"{type(self).__name__}: {len(self.train)} training rows, {len(self.val)} validation examples.")
+
+    def _tokenize(self, conversations: list[list[dict]], tokenizer: Any) -> list[dict[str, list[int]]]:
+        examples = [tokenize_chat(m, tokenizer, self.max_length) for m in conversations]
+        kept = [e for e in examples if any(label != IGNORE_INDEX for label in e["labels"])]
+        if len(kept) < len(examples):
+            rank_zero_info(f"Dropped {len(examples) - len(kept)} examples whose response starts after "
+                           f"max_length={self.max_length} tokens.")
+        return kept
+
+    def collate(self, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        tokenizer = self._tokenizer()
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        return pad_batch(examples, pad)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.val, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The held-out prompts (their answers removed), for ``predict`` to answer."""
+        return DataLoader(self.val_prompts, batch_size=self.batch_size, collate_fn=list)
+
+
+class TextClassificationDataModule(_TokenizerDataModule):
+    """Labelled text from CSV or JSONL (``.gz``/``.bz2`` accepted).
+
+    Args:
+        train_file: the data; ``package:NAME/path`` names a file inside an installed package.
+        labels: label values in class-index order; rows with any other label are skipped. ``None``: the sorted
+            distinct values found.
+        text_field, label_field: column (CSV) or key (JSONL) names.
+        val_file / val_fraction: held-out data, or the share of distinct texts held out.
+        test_file: data for ``test``; the validation split when absent.
+    """
+
+    def __init__(
+        self,
+        train_file: str,
+        labels: list[str] | None = None,
+        text_field: str = "text",
+        label_field: str = "label",
+        val_file: str | None = None,
+        val_fraction: float = 0.1,
+        test_file: str | None = None,
+        max_length: int = 128,
+        batch_size: int = 32,
+        max_train_examples: int | None = None,
+        max_val_examples: int | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(batch_size, num_workers)
+        if not 0 <= val_fraction < 1:
+            raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+        self.train_file, self.val_file, self.test_file = train_file, val_file, test_file
+        self.labels, self.text_field, self.label_field = labels, text_field, label_field
+        self.val_fraction, self.max_length = val_fraction, max_length
+        self.max_train_examples, self.max_val_examples = max_train_examples, max_val_examples
+        self.train: list[dict] = []
+        self.val: list[dict] = []
+        self.test: list[dict] = []
+
+    def read(self, path: str) -> list[tuple[str, str]]:
+        """(text, label) rows of ``path``, labels as strings."""
+        if ".jsonl" in Path(path).name or ".json" in Path(path).name:
+            records = [r for _, r in read_jsonl(path)]
+        else:
+            with open_text(path) as f:
+                records = list(csv.DictReader(f))
+        rows = []
+        for number, record in enumerate(records, 1):
+            if self.text_field not in record or self.label_field not in record:
+                raise ConfigError(f"{path}: row {number} lacks '{self.text_field}' or '{self.label_field}'; it has "
+                                  f"{sorted(record)}. Set text_field and label_field.")
+            rows.append((str(record[self.text_field]).strip(), str(record[self.label_field])))
+        return rows
+
+    def setup(self, stage: str) -> None:
+        if self.train or self.val:
+            return
+        tokenizer = self._tokenizer()
+        rows = self.read(self.train_file)
+        if self.labels is None:
+            self.labels = sorted({label for _, label in rows})
+        index = {label: i for i, label in enumerate(self.labels)}
+        kept = [(text, index[label]) for text, label in rows if label in index and text]
+        if not kept:
+            raise ConfigError(f"{self.train_file}: no row has a label in {self.labels}.")
+        if self.val_file is None:
+            train = [r for r in kept if not held_out(r[0], self.val_fraction)]
+            val = [r for r in kept if held_out(r[0], self.val_fraction)]
+        else:
+            train, val = kept, [(t, index[lab]) for t, lab in self.read(self.val_file) if lab in index]
+        test = val if self.test_file is None else [(t, index[lab]) for t, lab in self.read(self.test_file)
+                                                   if lab in index]
+        self.train = self._encode(train[: self.max_train_examples], tokenizer)
+        self.val = self._encode(val[: self.max_val_examples], tokenizer)
+        self.test = self._encode(test[: self.max_val_examples], tokenizer)
+        rank_zero_info(f"{type(self).__name__}: labels {self.labels}; {len(self.train)} training, "
+                       f"{len(self.val)} validation examples ({len(rows) - len(kept)} rows skipped).")
+
+    def _encode(self, rows: list[tuple[str, int]], tokenizer: Any) -> list[dict]:
+        return [{**tokenizer(text, truncation=True, max_length=self.max_length), "labels": label}
+                for text, label in rows]
+
+    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        return dict(self._tokenizer().pad(examples, return_tensors="pt"))
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test, shuffle=False)

@@ -1,0 +1,237 @@
+"""Built-in LightningModules for the two tasks the CLI fine-tunes out of the box.
+
+Each loads its tokenizer in ``__init__`` (the DataModule takes it from there) and its transformers model in
+``configure_model``, which ``PeftCallback.setup`` calls so the adapter goes in before the strategy wraps the
+model; ``configure_optimizers`` then sees only the adapter's parameters as trainable.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics.aggregation import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from torchmetrics.text import Perplexity
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from lightning_peft.data import IGNORE_INDEX, prompt_text
+from lightning_peft.errors import ConfigError
+from lightning_peft.resources import resolve_path
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+def load_tokenizer(path: str, gguf_file: str | None = None, chat_template: str | None = None) -> Any:
+    """The tokenizer at ``path`` (or inside its GGUF file), with a pad token and an optional chat template.
+
+    ``chat_template`` is a Jinja template, or the path of a file holding one.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(resolve_path(path), gguf_file=gguf_file)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if chat_template is not None:
+        template = Path(chat_template)
+        tokenizer.chat_template = template.read_text() if template.suffix == ".jinja" else chat_template
+    return tokenizer
+
+
+class _TransformerModule(L.LightningModule):
+    """Optimizer and schedule shared by the built-in modules: AdamW over what trains, linear warmup, cosine decay."""
+
+    def __init__(self, learning_rate: float, weight_decay: float, warmup_steps: int) -> None:
+        super().__init__()
+        if learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be positive, got {learning_rate}.")
+        self.learning_rate, self.weight_decay, self.warmup_steps = learning_rate, weight_decay, warmup_steps
+        self.model: Any = None
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = min(self.warmup_steps, total - 1)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            progress = (step - warmup) / max(total - warmup, 1)
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))  # cosine down to 10%
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _log_lr(self) -> None:
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+
+
+class CausalLMModule(_TransformerModule):
+    """Causal language model fine-tuning; logs loss, perplexity and token accuracy on the response tokens.
+
+    Args:
+        model_name_or_path: a transformers model directory (``package:NAME/path`` inside an installed package).
+        gguf_file: a GGUF file in that directory to load (dequantized) instead of safetensors weights.
+        tokenizer: where the tokenizer is, when not with the model.
+        chat_template: a Jinja chat template (or a ``.jinja`` file) replacing the tokenizer's.
+        dtype: the dtype the base weights are loaded in.
+        generate_prompts: user messages answered (greedy) at the end of every validation, written to the console
+            and to ``generations.jsonl`` in the run's log directory.
+        max_new_tokens: length limit of those answers.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        gguf_file: str | None = None,
+        tokenizer: str | None = None,
+        chat_template: str | None = None,
+        dtype: Dtype = "float32",
+        learning_rate: float = 2e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        generate_prompts: list[str] | None = None,
+        max_new_tokens: int = 48,
+    ) -> None:
+        super().__init__(learning_rate, weight_decay, warmup_steps)
+        self.save_hyperparameters()
+        self.model_name_or_path, self.gguf_file, self.dtype_name = model_name_or_path, gguf_file, dtype
+        self.tokenizer = load_tokenizer(tokenizer or model_name_or_path, None if tokenizer else gguf_file,
+                                        chat_template)
+        self.generate_prompts = list(generate_prompts or [])
+        self.max_new_tokens = max_new_tokens
+        for stage in ("val", "test"):
+            setattr(self, f"{stage}_perplexity", Perplexity(ignore_index=IGNORE_INDEX))
+            setattr(self, f"{stage}_token_accuracy", MeanMetric())  # share of response tokens predicted exactly
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.model = AutoModelForCausalLM.from_pretrained(
+            resolve_path(self.model_name_or_path), gguf_file=self.gguf_file, dtype=getattr(torch, self.dtype_name))
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model.generation_config.pad_token_id = self.tokenizer.pad_token_id
+        self.model.train()  # from_pretrained returns eval mode; Lightning switches modes per loop from here
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> Any:
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self(batch).loss
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        self._log_lr()
+        return loss
+
+    def _evaluate(self, batch: dict[str, torch.Tensor], stage: str) -> None:
+        out = self(batch)
+        logits, targets = out.logits[:, :-1].float(), batch["labels"][:, 1:]
+        perplexity, accuracy = getattr(self, f"{stage}_perplexity"), getattr(self, f"{stage}_token_accuracy")
+        perplexity.update(logits, targets)
+        mask = targets != IGNORE_INDEX
+        accuracy.update((logits.argmax(-1) == targets)[mask].float())
+        size = int(mask.sum())
+        self.log(f"{stage}_loss", out.loss, prog_bar=True, batch_size=max(size, 1))
+        self.log(f"{stage}_perplexity", perplexity, prog_bar=True)
+        self.log(f"{stage}_token_accuracy", accuracy)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    @torch.no_grad()
+    def generate(self, messages: list[dict[str, str]]) -> str:
+        """The model's greedy answer to ``messages`` (a conversation ending with a user turn)."""
+        encoded = self.tokenizer(prompt_text(messages, self.tokenizer), return_tensors="pt",
+                                 add_special_tokens=not self.tokenizer.chat_template).to(self.device)
+        output = self.model.generate(**encoded, max_new_tokens=self.max_new_tokens, do_sample=False)
+        return self.tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.generate_prompts or self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        records = [{"step": self.global_step, "prompt": p, "response": self.generate([{"role": "user", "content": p}])}
+                   for p in self.generate_prompts]
+        for record in records:
+            rank_zero_info(f"[step {record['step']}] {record['prompt']!r} -> {record['response']!r}")
+        if self.trainer.log_dir is not None:
+            path = Path(self.trainer.log_dir) / "generations.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a", encoding="utf-8") as f:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+    def predict_step(self, batch: list[list[dict[str, str]]], batch_idx: int) -> list[dict[str, str]]:
+        return [{"prompt": m[-1]["content"], "response": self.generate(m)} for m in batch]
+
+
+class SequenceClassificationModule(_TransformerModule):
+    """Sequence classification fine-tuning (a new head on an encoder or decoder); logs accuracy and macro-F1.
+
+    Args:
+        model_name_or_path: a transformers model directory (``package:NAME/path`` inside an installed package).
+        num_labels: number of classes; the head is created with this many outputs.
+        tokenizer: where the tokenizer is, when not with the model.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        num_labels: int = 2,
+        tokenizer: str | None = None,
+        dtype: Dtype = "float32",
+        learning_rate: float = 5e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+    ) -> None:
+        super().__init__(learning_rate, weight_decay, warmup_steps)
+        if num_labels < 2:
+            raise ConfigError(f"num_labels must be at least 2, got {num_labels}.")
+        self.save_hyperparameters()
+        self.model_name_or_path, self.num_labels, self.dtype_name = model_name_or_path, num_labels, dtype
+        self.tokenizer = load_tokenizer(tokenizer or model_name_or_path)
+        for stage in ("val", "test"):
+            setattr(self, f"{stage}_accuracy", MulticlassAccuracy(num_classes=num_labels, average="micro"))
+            setattr(self, f"{stage}_f1", MulticlassF1Score(num_classes=num_labels, average="macro"))
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            resolve_path(self.model_name_or_path), num_labels=self.num_labels, dtype=getattr(torch, self.dtype_name))
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model.train()
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> Any:
+        return self.model(**batch)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self(batch).loss
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        self._log_lr()
+        return loss
+
+    def _evaluate(self, batch: dict[str, torch.Tensor], stage: str) -> None:
+        out = self(batch)
+        predictions = out.logits.argmax(-1)
+        accuracy, f1 = getattr(self, f"{stage}_accuracy"), getattr(self, f"{stage}_f1")
+        accuracy.update(predictions, batch["labels"])
+        f1.update(predictions, batch["labels"])
+        self.log(f"{stage}_loss", out.loss, prog_bar=True, batch_size=len(predictions))
+        self.log(f"{stage}_accuracy", accuracy, prog_bar=True)
+        self.log(f"{stage}_f1", f1)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list[int]:
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.argmax(-1).tolist()

@@ -1,0 +1,175 @@
+"""The ``lightning-peft`` command on tiny models: fit/validate/test/predict, typo keys, --print_config round
+trip, merge, generate and report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from lightning_peft import ConfigError
+from lightning_peft.cli import main
+from tiny_assets import save_tiny_causal_lm, save_tiny_encoder
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = ["What is AI ?", "Do you like movies ?"]
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory) -> Path:
+    return save_tiny_causal_lm(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+def chat_file(tmp_path: Path, n: int = 48) -> str:
+    rows = [{"messages": [{"role": "user", "content": PROMPTS[i % 2] + f" {i}"},
+                          {"role": "assistant", "content": "AI is the study of machines ."}]} for i in range(n)]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def config(tmp_path: Path, model: Path, **trainer) -> Path:
+    content = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "max_steps": 3, "val_check_interval": 3, "num_sanity_val_steps": 0,
+            "enable_progress_bar": False, "enable_model_summary": False, "log_every_n_steps": 1,
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                       "init_args": {"save_dir": str(tmp_path / "runs"), "name": "tiny"}},
+            "callbacks": [
+                {"class_path": "lightning_peft.PeftCallback",
+                 "init_args": {"adapter": {"class_path": "lightning_peft.LoraConfig",
+                                           "init_args": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}}}},
+                {"class_path": "lightning_peft.SaveAdapterCallback", "init_args": {"dirpath": str(tmp_path / "adapter")}},
+                {"class_path": "lightning_peft.MergeCallback", "init_args": {"dirpath": str(tmp_path / "merged")}},
+            ],
+            **trainer,
+        },
+        "model": {"class_path": "lightning_peft.CausalLMModule",
+                  "init_args": {"model_name_or_path": str(model), "learning_rate": 1e-2, "generate_prompts": PROMPTS,
+                                "max_new_tokens": 4}},
+        "data": {"class_path": "lightning_peft.ChatDataModule",
+                 "init_args": {"train_file": chat_file(tmp_path), "val_fraction": 0.25, "batch_size": 4}},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(content))
+    return path
+
+
+def run_dir(tmp_path: Path) -> Path:
+    return max((tmp_path / "runs" / "tiny").glob("version_*"), key=lambda p: p.stat().st_mtime)
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny_lm, tmp_path_factory) -> Path:
+    tmp_path = tmp_path_factory.mktemp("fit")
+    main(["fit", "--config", str(config(tmp_path, tiny_lm))])
+    return tmp_path
+
+
+def test_fit_logs_metrics_generations_adapter_and_merged_model(fitted):
+    run = run_dir(fitted)
+    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"train_loss", "val_loss", "val_perplexity", "val_token_accuracy", "lr"} <= set(header)
+    generations = [json.loads(line) for line in (run / "generations.jsonl").read_text().splitlines()]
+    assert [g["prompt"] for g in generations] == PROMPTS and all(g["step"] == 3 for g in generations)
+    assert (run / "config.yaml").is_file()
+    adapter = json.loads((fitted / "adapter" / "adapter_config.json").read_text())
+    assert adapter["peft_type"] == "LORA" and adapter["r"] == 4
+    assert AutoModelForCausalLM.from_pretrained(fitted / "merged") is not None
+
+
+def test_typo_in_a_nested_key_fails_with_its_name(tiny_lm, tmp_path, capsys):
+    path = config(tmp_path, tiny_lm)
+    content = yaml.safe_load(path.read_text())
+    content["trainer"]["callbacks"][0]["init_args"]["adapter"]["init_args"]["lora_alpah"] = 8
+    path.write_text(yaml.safe_dump(content))
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(path)])
+    assert "lora_alpah" in capsys.readouterr().err
+
+
+def test_typo_in_a_command_line_override_fails_with_its_name(tiny_lm, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config(tmp_path, tiny_lm)), "--model.init_args.learning_rat=0.1"])
+    assert "learning_rat" in capsys.readouterr().err
+
+
+def test_print_config_output_runs_unchanged(tiny_lm, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config(tmp_path, tiny_lm)), "--trainer.max_steps=2",
+              "--trainer.val_check_interval=2", "--print_config"])
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(capsys.readouterr().out)
+    assert yaml.safe_load(printed.read_text())["trainer"]["max_steps"] == 2
+    main(["fit", "--config", str(printed)])
+    assert "val_loss" in (run_dir(tmp_path) / "metrics.csv").read_text()
+
+
+def test_validate_test_and_predict_subcommands(fitted, tiny_lm, capsys):
+    base = ["--config", str(fitted / "config.yaml")]
+    main(["validate", *base])
+    main(["test", *base])
+    capsys.readouterr()
+    main(["predict", *base, "--trainer.logger=false"])
+    printed = capsys.readouterr().out
+    assert "'prompt':" in printed and "'response':" in printed
+
+
+def test_merge_subcommand_matches_the_merge_callback(fitted, tiny_lm, tmp_path):
+    main(["merge", str(fitted / "adapter"), str(tmp_path / "merged"), "--base", str(tiny_lm)])
+    ids = torch.tensor([[1, 5, 9, 12, 3]])
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(ids).logits
+    callback = AutoModelForCausalLM.from_pretrained(fitted / "merged")(ids).logits
+    base = AutoModelForCausalLM.from_pretrained(tiny_lm)(ids).logits
+    torch.testing.assert_close(ours, callback)
+    assert not torch.allclose(ours, base)
+    assert (tmp_path / "merged" / "tokenizer.json").is_file()
+
+
+def test_generate_subcommand_answers_every_prompt(fitted, tiny_lm, capsys):
+    main(["generate", str(tiny_lm), "--adapter", str(fitted / "adapter"), "--prompt", json.dumps(PROMPTS),
+          "--max_new_tokens", "3"])
+    out = capsys.readouterr().out
+    assert all(f"> {p}" in out for p in PROMPTS)
+
+
+def test_report_draws_a_png_from_the_run(fitted, tmp_path):
+    main(["report", str(fitted / "runs"), "--output", str(tmp_path / "curves.png")])
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_without_logs_says_what_is_missing(tmp_path):
+    with pytest.raises(ConfigError, match="metrics.csv"):
+        main(["report", str(tmp_path)])
+
+
+def test_sequence_classification_logs_accuracy_and_f1(tmp_path):
+    encoder = save_tiny_encoder(tmp_path / "bert")
+    data = tmp_path / "reviews.jsonl"
+    data.write_text("".join(json.dumps({"text": f"{t} {i}", "label": lab}) + "\n" for i, (t, lab) in
+                            enumerate([("the film is fresh , funny", "fresh"), ("a rotten , dull movie", "rotten")] * 16)))
+    main(["fit", "--model=lightning_peft.SequenceClassificationModule", f"--model.model_name_or_path={encoder}",
+          "--data=lightning_peft.TextClassificationDataModule", f"--data.train_file={data}", "--data.batch_size=8", "--data.val_fraction=0.3",
+          "--trainer.callbacks+=lightning_peft.PeftCallback",
+          '--trainer.callbacks.adapter={"class_path": "lightning_peft.LoraConfig", '
+          '"init_args": {"target_modules": ["query", "value"]}}',
+          "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.log_every_n_steps=1",
+          "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu",
+          f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+          f"--trainer.logger.save_dir={tmp_path}"])
+    header = next(tmp_path.rglob("metrics.csv")).read_text().splitlines()[0].split(",")
+    assert {"val_accuracy", "val_f1", "train_loss"} <= set(header)
+
+
+def test_console_script_help_lists_every_subcommand():
+    out = subprocess.run([sys.executable, "-m", "lightning_peft.cli", "--help"], capture_output=True, text=True,
+                         cwd=ROOT, check=True).stdout
+    for name in ("fit", "validate", "test", "predict", "merge", "generate", "report"):
+        assert name in out
