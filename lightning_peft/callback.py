@@ -3,7 +3,8 @@
 Hooks, in Lightning's order of events:
 
 - ``setup`` (before ``configure_model`` and before the strategy moves, wraps and builds optimizers): the model
-  is built now if the module creates it in ``configure_model``, then the adapter is injected and the base frozen,
+  is built now if the module creates it in ``configure_model``, prepared by a ``PeftStrategy`` (quantized,
+  streamed in from its checkpoint), then the adapter is injected and the base frozen,
   so DDP/FSDP wrap the adapted model and ``configure_optimizers`` sees it.
 - ``on_fit_start`` (optimizers exist, training state not yet restored): frozen tensors are dropped from the
   optimizers, or an optimizer over the adapter is built if the module configured none; parameter counts logged.
@@ -27,6 +28,7 @@ from lightning_peft.errors import AdapterMismatchError
 from lightning_peft.fingerprint import base_fingerprint
 from lightning_peft.methods.base import AdapterConfig
 from lightning_peft.optim import OptimName, build_optimizer
+from lightning_peft.strategy import PeftStrategyMixin
 from lightning_peft.surgery import active_config, adapter_layers, attach, count_parameters, find_transformer
 
 
@@ -71,6 +73,8 @@ class PeftCallback(Callback):
             ):
                 pl_module.configure_model()
         self._prefix, model = find_transformer(pl_module)
+        if isinstance(trainer.strategy, PeftStrategyMixin):
+            trainer.strategy.prepare_model(pl_module, self.adapter)  # quantize / stream in the base first
         if active_config(model) is None:
             attach(model, self.adapter)
         self._module = pl_module
@@ -96,8 +100,11 @@ class PeftCallback(Callback):
         trainable_ids = {id(p) for p in trainable}
         optimized = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
         if not optimized & trainable_ids:
+            optim = self.optim
+            if optim == "auto" and isinstance(trainer.strategy, PeftStrategyMixin):
+                optim = trainer.strategy.default_optim
             trainer.optimizers = [
-                build_optimizer(trainable, self.optim, self.learning_rate, self.weight_decay,
+                build_optimizer(trainable, optim, self.learning_rate, self.weight_decay,
                                 on_cuda=pl_module.device.type == "cuda")
             ]
             rank_zero_info(f"No optimizer from configure_optimizers: built {type(trainer.optimizers[0]).__name__} "

@@ -1,0 +1,213 @@
+"""``PeftStrategy`` and ``PeftDDPStrategy``: QLoRA the Lightning way, the base prepared before the device move.
+
+Preparing the base means, in this order: quantize every linear layer not skipped (``QuantizationConfig``), fill a
+model created on the meta device from its pretrained directory tensor by tensor (``streaming``), freeze the
+base with norms in float32, and switch on gradient checkpointing.
+
+When it happens, and why there: the adapter must sit on top of the quantized layers, and ``PeftCallback``
+injects it in its ``setup`` hook, which Lightning runs before ``strategy.setup``. So the callback asks the
+strategy to prepare the model (``prepare_model``) right after building it and right before injecting. Doing it
+in a strategy hook instead would need one that runs before callbacks' ``setup`` and after ``configure_model``;
+there is none. ``strategy.setup`` also calls ``prepare_model`` (a no-op when done) for a run without the
+callback; either way it happens before ``model_to_device()`` and before the DDP wrap.
+
+Which directory streaming reads: ``checkpoint_dir`` when given, else the meta model's ``name_or_path``, which
+``AutoConfig.from_pretrained(path)`` records. A model that already holds weights is quantized in place and
+never read from disk. ``trainer.init_module(empty_init=True)`` creates the model on the meta device.
+
+Registered with Lightning's ``StrategyRegistry``: ``"peft"``, ``"peft_ddp"`` (no quantization) and ``"qlora"``,
+``"qlora_ddp"`` (NF4, double quantization, bfloat16 compute).
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from collections.abc import Generator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.accelerators import CUDAAccelerator
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from typing_extensions import override
+
+from lightning_peft.errors import ConfigError
+from lightning_peft.methods.base import AdapterConfig
+from lightning_peft.optim import OptimName
+from lightning_peft.quantization import QuantizationConfig, quantize_model, skip_paths
+from lightning_peft.streaming import is_norm, meta_tensor_names, stream_load
+from lightning_peft.surgery import find_transformer, modules_to_save_paths, resolve_config
+
+
+class PeftStrategyMixin:
+    """What both strategies add to their Lightning parent: base preparation at setup and meta-device init."""
+
+    quantization: QuantizationConfig | None
+    checkpoint_dir: str | None
+    gradient_checkpointing: bool
+    gradient_checkpointing_kwargs: dict[str, Any]
+
+    def _init_peft(self, quantization: QuantizationConfig | None, checkpoint_dir: str | os.PathLike | None,
+                   gradient_checkpointing: bool, gradient_checkpointing_kwargs: dict[str, Any] | None) -> None:
+        if quantization is not None and not isinstance(quantization, QuantizationConfig):
+            raise ConfigError(f"quantization must be a QuantizationConfig or None, got {type(quantization).__name__}.")
+        self.quantization = quantization
+        self.checkpoint_dir = None if checkpoint_dir is None else str(checkpoint_dir)
+        self.gradient_checkpointing = gradient_checkpointing
+        self.gradient_checkpointing_kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        self._prepared: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+    @property
+    def default_optim(self) -> OptimName:
+        """What ``PeftCallback(optim="auto")`` builds under this strategy: paged AdamW for a quantized base."""
+        return "paged_adamw_32bit" if self.quantization is not None else "auto"
+
+    def prepare_model(self, pl_module: pl.LightningModule, adapter: AdapterConfig | None = None) -> None:
+        """Quantize, stream-load, freeze and checkpoint the transformers model of ``pl_module`` (once).
+
+        ``adapter`` names the modules it trains in full (``modules_to_save``), which stay unquantized.
+        """
+        _, model = find_transformer(pl_module)
+        if model in self._prepared:
+            return
+        device = self.root_device
+        directory = self._checkpoint_directory(model) if meta_tensor_names(model) else None
+        if self.quantization is not None:
+            keep = set()
+            if adapter is not None:
+                keep = set(modules_to_save_paths(model, resolve_config(model, adapter)))
+            replaced = quantize_model(model, self.quantization, device, skip_paths(model, self.quantization, keep))
+            bits = 4 if self.quantization.load_in_4bit else 8
+            rank_zero_info(f"Quantized {len(replaced)} linear layers to {bits} bits.")
+        if directory is not None:
+            stream_load(model, directory, device)
+            rank_zero_info(f"Loaded the base weights from {directory}, tensor by tensor.")
+        if self.quantization is not None:
+            model.requires_grad_(False)
+            for module in model.modules():
+                if is_norm(module):
+                    module.float()  # norms in float32 for stability next to a low-precision base
+        if self.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=self.gradient_checkpointing_kwargs)
+            if self.gradient_checkpointing_kwargs.get("use_reentrant"):
+                # Reentrant checkpointing only backpropagates into segments whose input requires grad; with a
+                # frozen embedding nothing would, so the embedding output is made to.
+                model.enable_input_require_grads()
+        self._prepared.add(model)
+
+    def _checkpoint_directory(self, model: nn.Module) -> str:
+        directory = self.checkpoint_dir or getattr(model, "name_or_path", None) or None
+        if directory is None or not Path(directory).is_dir():
+            raise ConfigError(
+                f"{type(model).__name__} is on the meta device and its weights must be read from a pretrained "
+                f"directory, but {'none is known' if directory is None else f'{directory!r} is not a directory'}. "
+                f"Create it from AutoConfig.from_pretrained(path) or pass PeftStrategy(checkpoint_dir=path)."
+            )
+        return directory
+
+    def setup(self, trainer: pl.Trainer) -> None:
+        self.prepare_model(trainer.lightning_module)  # before the parent moves and wraps the model
+        super().setup(trainer)
+
+    def teardown(self) -> None:
+        module = self.lightning_module
+        if module is not None and meta_tensor_names(module):
+            # The run failed before the weights were read. Lightning's teardown moves the module to the CPU, which
+            # a meta tensor cannot do; it would raise over the real error. Give those tensors (empty) CPU storage.
+            for sub in module.modules():
+                for name, tensor in [*sub.named_parameters(recurse=False), *sub.named_buffers(recurse=False)]:
+                    if tensor.device.type == "meta":
+                        empty = torch.empty_like(tensor, device="cpu")
+                        setattr(sub, name, nn.Parameter(empty, tensor.requires_grad)
+                                if isinstance(tensor, nn.Parameter) else empty)
+        super().teardown()
+
+    @contextmanager
+    def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
+        """``empty_init=True`` creates tensors on the meta device; ``setup`` fills them from the checkpoint."""
+        if not empty_init:
+            with super().tensor_init_context(empty_init):
+                yield
+            return
+        with torch.device("meta"), self.precision_plugin.tensor_init_context():
+            yield
+
+
+class PeftStrategy(PeftStrategyMixin, SingleDeviceStrategy):
+    """One device; the base quantized (and, from the meta device, streamed in) before it is moved there.
+
+    Args:
+        quantization: how to quantize the base, or None to keep it in full precision.
+        checkpoint_dir: the pretrained directory a meta-device model is filled from; default: the model's
+            ``name_or_path``.
+        gradient_checkpointing: recompute activations in backward (transformers' own checkpointing).
+        gradient_checkpointing_kwargs: passed to ``torch.utils.checkpoint``; default ``{"use_reentrant": False}``.
+        device: default: the first GPU when the trainer's accelerator is CUDA, else the CPU.
+
+    Example::
+
+        Trainer(strategy=PeftStrategy(quantization=QuantizationConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")),
+                callbacks=[PeftCallback(adapter=LoraConfig(r=16, target_modules="all-linear"))])
+    """
+
+    strategy_name = "peft"
+
+    def __init__(
+        self,
+        quantization: QuantizationConfig | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        gradient_checkpointing: bool = False,
+        gradient_checkpointing_kwargs: dict[str, Any] | None = None,
+        device: str | torch.device | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(device=device or "cpu", **kwargs)
+        self._device = None if device is None else torch.device(device)
+        self._init_peft(quantization, checkpoint_dir, gradient_checkpointing, gradient_checkpointing_kwargs)
+
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        if self._device is not None:
+            return self._device
+        if isinstance(self.accelerator, CUDAAccelerator):
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+
+class PeftDDPStrategy(PeftStrategyMixin, DDPStrategy):
+    """``DDPStrategy`` whose processes each prepare (quantize, stream-load) their base before the DDP wrap.
+
+    Takes the arguments of ``PeftStrategy`` (but ``device``) plus those of ``DDPStrategy``.
+    """
+
+    strategy_name = "peft_ddp"
+
+    def __init__(
+        self,
+        quantization: QuantizationConfig | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        gradient_checkpointing: bool = False,
+        gradient_checkpointing_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self._init_peft(quantization, checkpoint_dir, gradient_checkpointing, gradient_checkpointing_kwargs)
+
+
+def _qlora() -> QuantizationConfig:
+    return QuantizationConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype="bfloat16")
+
+
+for _cls in (PeftStrategy, PeftDDPStrategy):
+    StrategyRegistry.register(_cls.strategy_name, _cls, description=_cls.__name__, override=True)
+StrategyRegistry.register("qlora", PeftStrategy, description="PeftStrategy with NF4 double-quantized base",
+                          override=True, quantization=_qlora())
+StrategyRegistry.register("qlora_ddp", PeftDDPStrategy, description="PeftDDPStrategy with NF4 double-quantized base",
+                          override=True, quantization=_qlora())
