@@ -35,7 +35,6 @@ from lightning_peft.surgery import (
 CONFIG_NAME = "adapter_config.json"
 FINGERPRINT_KEY = "base_model_fingerprint"
 WEIGHTS_NAME = "adapter_model.safetensors"
-DISK_PREFIX = "base_model.model."
 
 
 def adapter_names(model: nn.Module, config: AdapterConfig) -> dict[str, str]:
@@ -48,21 +47,31 @@ def adapter_names(model: nn.Module, config: AdapterConfig) -> dict[str, str]:
     layers = adapter_layers(model)
     for path, layer in layers.items():
         for param in layer.adapter_parameters():
-            names[f"{DISK_PREFIX}{path}.{layer.disk_names[param]}"] = f"{path}.{param}"
+            names[layer.disk_key(path, param)] = f"{path}.{param}"
     for path in modules_to_save_paths(model, config):
         for key in model.get_submodule(path).state_dict():
-            names[f"{DISK_PREFIX}{path}.{key}"] = f"{path}.{key}"
+            names[f"{config.disk_prefix}{path}.{key}"] = f"{path}.{key}"
     for name in config.trainable_base_parameters(model, layers):
-        names[f"{DISK_PREFIX}{name}"] = name
+        names[f"{config.disk_prefix}{name}"] = name
     return names
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under HF PEFT's keys, contiguous and on CPU, ready for safetensors."""
+    """The adapter's tensors under HF PEFT's keys, contiguous and on CPU, ready for safetensors.
+
+    Each adapter layer hands over what it saves (``AdapterLayer.saved_tensors``: its parameters, or a computed
+    form such as prefix tuning's projected prefix); the rest are the model's own tensors.
+    """
     _, hf = find_transformer(model)
     config = _require_adapter(hf)
     state = hf.state_dict(keep_vars=False)
-    return {disk: state[name].detach().cpu().contiguous() for disk, name in adapter_names(hf, config).items()}
+    layers = adapter_layers(hf)
+    owned = {f"{path}.{name}" for path, layer in layers.items() for name in layer.adapter_parameters()}
+    tensors = {disk: state[name] for disk, name in adapter_names(hf, config).items() if name not in owned}
+    with torch.no_grad():
+        for path, layer in layers.items():
+            tensors.update(layer.saved_tensors(path))
+    return {disk: value.detach().cpu().contiguous() for disk, value in tensors.items()}
 
 
 def save_adapter(model: nn.Module, save_directory: str | os.PathLike) -> Path:
@@ -150,6 +159,13 @@ def load_adapter(
     shapes warns loudly, or with ``strict=True`` is refused (AdapterMismatchError).
     """
     config, tensors, spelling, fingerprint = read_adapter(path)
+    if spelling == "disk":
+        saved = config.saved_form()
+        if is_trainable and saved != config:
+            warnings.warn(f"{path} holds {config.peft_type} in HF PEFT's saved form, which lacks part of what was "
+                          f"trained (prefix tuning's projection MLP); training continues from that form. Resume "
+                          f"from a Lightning checkpoint to keep the full trainable state.", stacklevel=2)
+        config = saved
     _, hf = find_transformer(model)
     reason = fingerprint_mismatch(hf, fingerprint)
     if reason is not None:

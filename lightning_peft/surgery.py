@@ -53,7 +53,8 @@ def resolve_config(model: PreTrainedModel, config: AdapterConfig) -> AdapterConf
     if task_type == "SEQ_CLS":
         names = {p.rsplit(".", 1)[-1] for p, _ in model.named_modules()}
         modules_to_save += [h for h in _SEQ_CLS_HEADS if h in names and h not in modules_to_save]
-    return dataclasses.replace(config, task_type=task_type, modules_to_save=modules_to_save or None)
+    config = dataclasses.replace(config, task_type=task_type, modules_to_save=modules_to_save or None)
+    return config.fill_from_model(model)
 
 
 def modules_to_save_paths(model: nn.Module, config: AdapterConfig) -> list[str]:
@@ -88,6 +89,7 @@ def attach(model: PreTrainedModel, config: AdapterConfig) -> dict[str, AdapterLa
         layer.config = config
     for path, layer in layers.items():
         set_submodule(model, path, layer)
+        layer.bind(model)
     model.requires_grad_(False)
     for layer in layers.values():
         for param in layer.adapter_parameters().values():
@@ -100,9 +102,15 @@ def attach(model: PreTrainedModel, config: AdapterConfig) -> dict[str, AdapterLa
 
 
 def detach(model: nn.Module) -> None:
-    """Put back every module an adapter replaced (unmerged); the base keeps its frozen flags."""
+    """Put back every module an adapter replaced (unmerged) and remove those it added; the base keeps its frozen
+    flags."""
     for path, layer in adapter_layers(model).items():
-        set_submodule(model, path, layer.unload())
+        original = layer.unload()
+        if original is None:
+            parent, _, name = path.rpartition(".")
+            delattr(model.get_submodule(parent) if parent else model, name)
+        else:
+            set_submodule(model, path, original)
 
 
 def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:

@@ -71,8 +71,23 @@ def _lora(family: str):
     return LoraConfig(r=4, lora_alpha=8, target_modules=targets(family), init_lora_weights=False)
 
 
+def _prompt(family: str):
+    from lightning_peft import PromptTuningConfig
+
+    return PromptTuningConfig(num_virtual_tokens=3)
+
+
+def _prefix(family: str):
+    from lightning_peft import PrefixTuningConfig
+
+    return PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=16)
+
+
 # The shared checks (tests/test_methods.py) run for every entry: name -> how to build its config for a family,
 # whether HF PEFT knows the method (interop is checked), and whether merging is exact or must be refused.
+# ``families`` limits an entry to the families the method supports (default: all).
 METHODS = {
     "lora": dict(make=_lora, peft=True, mergeable=True),
+    "prompt": dict(make=_prompt, peft=True, mergeable=False),
+    "prefix": dict(make=_prefix, peft=True, mergeable=False, families=[f for f in FAMILIES if f != "distilbert"]),
 }

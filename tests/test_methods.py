@@ -10,8 +10,8 @@ from conftest import CAUSAL, ENCODERS, FAMILIES, METHODS, batch, make_model
 from lightning_peft import MergeError, load_adapter, merge_adapter, save_adapter
 from lightning_peft.surgery import adapter_layers, attach
 
-CASES = [(m, f, t) for m in METHODS for f in FAMILIES for t in (["causal"] if f in CAUSAL else [])
-         + ["seq_cls"]]
+CASES = [(m, f, t) for m in METHODS for f in METHODS[m].get("families", FAMILIES)
+         for t in (["causal"] if f in CAUSAL else []) + ["seq_cls"]]
 
 
 def _adapted(method: str, family: str, task: str):
@@ -45,7 +45,8 @@ def test_save_load_round_trip(tmp_path, method, family, task):
     expected = model(**batch()).logits
     save_adapter(model, tmp_path / "adapter")
     fresh = make_model(family, task)
-    assert not torch.allclose(fresh(**batch()).logits, expected)
+    base_logits = fresh(**batch()).logits  # prompt tuning adds virtual positions: other shape, also a change
+    assert base_logits.shape != expected.shape or not torch.allclose(base_logits, expected)
     loaded = load_adapter(fresh, tmp_path / "adapter")
     torch.testing.assert_close(loaded(**batch()).logits, expected, rtol=0, atol=1e-6)
 

@@ -3,8 +3,10 @@
 from lightning_peft.errors import ConfigError
 from lightning_peft.methods.base import AdapterConfig, AdapterLayer
 from lightning_peft.methods.lora import LoraConfig, LoraLayer
+from lightning_peft.methods.prefix import PrefixTuningConfig
+from lightning_peft.methods.prompt import PromptTuningConfig
 
-CONFIG_CLASSES: dict[str, type[AdapterConfig]] = {cls.peft_type: cls for cls in (LoraConfig,)}
+CONFIG_CLASSES: dict[str, type[AdapterConfig]] = {cls.peft_type: cls for cls in (LoraConfig, PromptTuningConfig, PrefixTuningConfig)}
 
 
 def config_class(peft_type: object, source: str = "adapter config") -> type[AdapterConfig]:
@@ -16,4 +18,5 @@ def config_class(peft_type: object, source: str = "adapter config") -> type[Adap
     return CONFIG_CLASSES[peft_type]
 
 
-__all__ = ["AdapterConfig", "AdapterLayer", "CONFIG_CLASSES", "LoraConfig", "LoraLayer", "config_class"]
+__all__ = ["AdapterConfig", "AdapterLayer", "CONFIG_CLASSES", "LoraConfig", "LoraLayer", "PrefixTuningConfig", "PromptTuningConfig",
+           "config_class"]

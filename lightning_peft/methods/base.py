@@ -41,6 +41,9 @@ class AdapterConfig(ABC):
     """Fields every method shares; subclasses add their own and validate them in ``__post_init__``."""
 
     peft_type: ClassVar[str]
+    disk_prefix: ClassVar[str] = "base_model.model."
+    """What HF PEFT puts before a module path in its tensor keys (``base_model.`` for prompt methods, whose
+    PEFT model wraps the transformers model directly)."""
 
     task_type: str | None = None
     """``CAUSAL_LM``, ``SEQ_CLS``, ...: tells HF PEFT which model class to wrap when it loads our files."""
@@ -68,6 +71,23 @@ class AdapterConfig(ABC):
     def trainable_base_parameters(self, model: nn.Module, layers: dict[str, AdapterLayer]) -> list[str]:
         """Names of base parameters (in ``model`` after injection) that this config trains too, e.g. biases."""
         return []
+
+    def fill_from_model(self, model: PreTrainedModel) -> AdapterConfig:
+        """This config with the fields the model determines filled in (prompt methods: ``token_dim``,
+        ``num_layers``...), or a ConfigError when the model's family or task is one the method cannot adapt.
+        Called at injection, before anything changes."""
+        return self
+
+    def saved_form(self) -> AdapterConfig:
+        """The config whose layers hold exactly the tensors of a saved adapter directory. Every method saves what
+        it trains, except prefix tuning through an MLP, which HF PEFT saves after the projection."""
+        return self
+
+    def training_hooks(self, model: nn.Module, total_steps: int | None) -> TrainingHooks | None:
+        """What the method adds to a training step beyond its layers' forward (AdaLoRA: a regulariser and rank
+        allocation), run by ``PeftCallback``; None for methods that need nothing. ``total_steps`` is the number
+        of optimizer steps of the run, when known."""
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         """The ``adapter_config.json`` content: our fields plus ``peft_type``, JSON-ready."""
@@ -175,22 +195,59 @@ def output_head_paths(model: nn.Module) -> set[str]:
     return {p for p, m in model.named_modules() if head is not None and m is head}
 
 
+class TrainingHooks:
+    """Training-time work of a method beyond its layers' forward; ``PeftCallback`` calls these."""
+
+    def regularizer(self) -> torch.Tensor | None:
+        """A term added to the training loss (its gradient is added once per optimizer step), or None."""
+        return None
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Runs after optimizer step number ``step`` (1-based), gradients still in place."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What must survive a resume; saved in the Lightning checkpoint with the callback's state."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""
+
+
 class AdapterLayer(nn.Module, ABC):
     """A module that holds one adapter's trainable tensors next to (or around) a frozen base module.
 
     ``adapter_parameter_names`` declares which of its parameters are the adapter (they are made trainable, saved
-    and loaded); ``disk_names`` maps each to the suffix HF PEFT uses in ``adapter_model.safetensors``.
+    and loaded; dotted names reach into submodules); ``disk_names`` maps each to the suffix HF PEFT uses in
+    ``adapter_model.safetensors`` after the layer's path.
+
+    A layer usually takes the place of the module at its path. Prompt and prefix tuning add a layer at a new path
+    instead, act on the model's inputs through hooks registered in ``bind`` and return None from ``unload``.
     """
 
     adapter_parameter_names: ClassVar[tuple[str, ...]]
     disk_names: ClassVar[dict[str, str]]
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
-        return {name: getattr(self, name) for name in self.adapter_parameter_names if getattr(self, name) is not None}
+        params = dict(self.named_parameters())
+        return {name: params[name] for name in self.adapter_parameter_names if name in params}
+
+    def disk_key(self, path: str, name: str) -> str:
+        """HF PEFT's key for adapter parameter ``name`` of this layer at ``path``."""
+        return f"{self.config.disk_prefix}{path}.{self.disk_names.get(name, name)}"
+
+    def saved_tensors(self, path: str) -> dict[str, torch.Tensor]:
+        """What ``save_adapter`` writes for this layer, by HF PEFT key: the adapter parameters as they are, unless
+        the method saves a computed form (prefix tuning after its projection MLP)."""
+        return {self.disk_key(path, name): param for name, param in self.adapter_parameters().items()}
+
+    def bind(self, model: nn.Module) -> None:
+        """Called by ``attach`` once the layer sits in ``model``; layers that act on the model's inputs register
+        their hooks here and remove them in ``unload``."""
 
     @abstractmethod
-    def unload(self) -> nn.Module:
-        """The module this layer replaced, as it was before injection (adapter not merged)."""
+    def unload(self) -> nn.Module | None:
+        """The module this layer replaced, as it was before injection (adapter not merged); None for a layer that
+        replaced nothing, after removing its hooks."""
 
     @abstractmethod
     def merge(self) -> None:
