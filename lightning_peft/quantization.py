@@ -18,6 +18,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from lightning_peft.errors import ConfigError
 from lightning_peft.methods.base import check_module_patterns, match_module_name, output_head_paths
@@ -175,6 +176,19 @@ def dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
 def dequantize_module(layer: nn.Module) -> nn.Linear:
     """The plain ``nn.Linear`` a bitsandbytes layer stands for."""
     return dense_linear(dequantize(layer), layer.bias)
+
+
+def is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or "Norm" in type(module).__name__
+
+
+def upcast_for_stability(model: nn.Module) -> None:
+    """Norms in float32 for stability next to a low-precision base (as PEFT's ``prepare_model_for_kbit_training``),
+    and so the layers left unquantized, which receive the norms' float32 outputs (``lm_head``, heads); input
+    embeddings keep their dtype, which is where most of the unquantized memory is."""
+    for module in model.modules():
+        if is_norm(module) or (isinstance(module, (nn.Linear, Conv1D)) and not is_quantized(module)):
+            module.float()
 
 
 def skip_paths(model: nn.Module, config: QuantizationConfig, keep: set[str] = frozenset()) -> set[str]:

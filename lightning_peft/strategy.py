@@ -2,7 +2,7 @@
 
 Preparing the base means, in this order: quantize every linear layer not skipped (``QuantizationConfig``), fill a
 model created on the meta device from its pretrained directory tensor by tensor (``streaming``), freeze the
-base with norms in float32, and switch on gradient checkpointing.
+base with norms (and the layers left unquantized) in float32, and switch on gradient checkpointing.
 
 When it happens, and why there: the adapter must sit on top of the quantized layers, and ``PeftCallback``
 injects it in its ``setup`` hook, which Lightning runs before ``strategy.setup``. So the callback asks the
@@ -39,8 +39,8 @@ from typing_extensions import override
 from lightning_peft.errors import ConfigError
 from lightning_peft.methods.base import AdapterConfig
 from lightning_peft.optim import OptimName
-from lightning_peft.quantization import QuantizationConfig, quantize_model, skip_paths
-from lightning_peft.streaming import is_norm, meta_tensor_names, stream_load
+from lightning_peft.quantization import QuantizationConfig, quantize_model, skip_paths, upcast_for_stability
+from lightning_peft.streaming import meta_tensor_names, stream_load
 from lightning_peft.surgery import find_transformer, modules_to_save_paths, resolve_config
 
 
@@ -89,9 +89,7 @@ class PeftStrategyMixin:
             rank_zero_info(f"Loaded the base weights from {directory}, tensor by tensor.")
         if self.quantization is not None:
             model.requires_grad_(False)
-            for module in model.modules():
-                if is_norm(module):
-                    module.float()  # norms in float32 for stability next to a low-precision base
+            upcast_for_stability(model)
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=self.gradient_checkpointing_kwargs)
             if self.gradient_checkpointing_kwargs.get("use_reentrant"):

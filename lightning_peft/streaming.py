@@ -2,7 +2,7 @@
 
 Each tensor is read from disk with plain file reads (no memory map, so pages already consumed do not stay
 resident), converted and placed: a weight of a quantized layer is quantized on arrival (``load_weight``), any
-other tensor takes the dtype the meta model declared (norms in float32). At no point does the full-precision
+other tensor takes the dtype the meta model declared. At no point does the full-precision
 model exist in memory: the peak is the quantized model plus the largest single tensor.
 """
 
@@ -60,10 +60,6 @@ def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, buffer.view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
-def is_norm(module: nn.Module) -> bool:
-    return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or "Norm" in type(module).__name__
-
-
 def _model_key(model: PreTrainedModel, key: str, names: set[str]) -> str | None:
     """``key`` as named in ``model``: checkpoints of a bare model lack the task model's prefix, and the reverse."""
     prefix = f"{model.base_model_prefix}." if model.base_model_prefix else ""
@@ -85,7 +81,6 @@ def stream_load(model: PreTrainedModel, directory: str | os.PathLike, device: to
     Raises ``ConfigError`` naming the tensors neither the checkpoint nor the model could provide.
     """
     names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
-    norm_fp32 = any(is_quantized(m) for m in model.modules())
     for file in checkpoint_files(directory):
         for key, tensor in read_tensors(file):
             name = _model_key(model, key, names)
@@ -98,8 +93,6 @@ def stream_load(model: PreTrainedModel, directory: str | os.PathLike, device: to
                 continue
             current = getattr(owner, attr)
             dtype = current.dtype if current.is_floating_point() else tensor.dtype
-            if norm_fp32 and is_norm(owner):
-                dtype = torch.float32  # norms stay in float32 next to a quantized base, for stability
             value = tensor.to(device=device, dtype=dtype)
             if isinstance(current, nn.Parameter):
                 value = nn.Parameter(value, requires_grad=current.requires_grad)

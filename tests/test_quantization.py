@@ -191,7 +191,6 @@ def test_streamed_model_equals_quantizing_the_loaded_one(pretrained):
     quantize_model(model, config, "cpu", skip_paths(model, config))
     stream_load(model, pretrained, "cpu")
     reference, _ = quantized(**CONFIGS["nf4-double-quant"])
-    assert model.model.norm.weight.dtype == torch.float32
     streamed, loaded = model.state_dict(), reference.state_dict()
     assert streamed.keys() == loaded.keys()
     for key in loaded:

@@ -113,6 +113,17 @@ def test_meta_model_is_streamed_from_its_pretrained_directory(pretrained, style)
     assert torch.equal(streamed, reference.model.layers[1].mlp.up_proj.weight)  # same bytes as quantizing in memory
 
 
+def test_bfloat16_checkpoint_trains_with_float32_norms_and_head(tmp_path):
+    make_model("llama").to(torch.bfloat16).save_pretrained(tmp_path)
+    module = FromPretrained(tmp_path)
+    strategy = PeftStrategy(quantization=QuantizationConfig(**NF4, bnb_4bit_compute_dtype="bfloat16"))
+    trainer(strategy=strategy, callbacks=[PeftCallback(LoraConfig(**LORA))], max_steps=2).fit(module, loader(n=4))
+    model = module.model
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16  # the bulk of what stays unquantized
+    assert model.model.norm.weight.dtype == model.lm_head.weight.dtype == torch.float32
+    assert all(torch.isfinite(torch.tensor(module.losses)))
+
+
 def test_checkpoint_dir_argument_and_a_meta_model_without_one(tmp_path, pretrained):
     module = FromPretrained(pretrained)
     module.configure_model()
