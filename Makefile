@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt scripts/setup_env.sh
 	touch $@
 
 demo: env
-	$(PY) examples/finetune_lora.py
+	bash scripts/demo.sh $(VENV)
 
 test: env
 	$(PY) -m pytest

@@ -28,9 +28,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from lightning_peft.adapter_io import load_adapter, read_adapter
 from lightning_peft.errors import ConfigError
 from lightning_peft.merge import ExportDtype, export_merged
-from lightning_peft.modules import CausalLMModule, load_tokenizer
+from lightning_peft.modules import CausalLMModule, load_pretrained, load_tokenizer
 from lightning_peft.report import draw_report
-from lightning_peft.resources import resolve_path
 
 
 class PeftCLI(LightningCLI):
@@ -107,15 +106,13 @@ def _load_base_with_adapter(adapter: str, base: str | None, gguf_file: str | Non
     base = base or config.base_model_name_or_path
     if base is None:
         raise ConfigError(f"{adapter} records no base model; pass --base.")
-    path = resolve_path(base)
     if config.task_type == "SEQ_CLS":
         heads = [t for k, t in tensors.items() if k.endswith(("classifier.weight", "score.weight"))]
         if not heads:
             raise ConfigError(f"{adapter} is a SEQ_CLS adapter without a saved classifier head; it cannot be merged.")
-        model = AutoModelForSequenceClassification.from_pretrained(path, gguf_file=gguf_file,
-                                                                   num_labels=heads[-1].shape[0])
+        model = load_pretrained(AutoModelForSequenceClassification, base, gguf_file, num_labels=heads[-1].shape[0])
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file)
+        model = load_pretrained(AutoModelForCausalLM, base, gguf_file)
     load_adapter(model, adapter)
     return model, load_tokenizer(base, gguf_file)
 

