@@ -13,12 +13,13 @@ from lightning_peft.errors import (
     TargetModulesError,
 )
 from lightning_peft.merge import MergeCallback, export_merged, merge_adapter
-from lightning_peft.methods import LoraConfig, PrefixTuningConfig, PromptTuningConfig
+from lightning_peft.methods import AdaLoraConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig
 from lightning_peft.modules import CausalLMModule, SequenceClassificationModule
 from lightning_peft.quantization import QuantizationConfig
 from lightning_peft.strategy import PeftDDPStrategy, PeftStrategy
 
 __all__ = [
+    "AdaLoraConfig",
     "AdapterFileError",
     "AdapterMismatchError",
     "CausalLMModule",

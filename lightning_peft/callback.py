@@ -9,13 +9,28 @@ Hooks, in Lightning's order of events:
 - ``on_fit_start`` (optimizers exist, training state not yet restored): frozen tensors are dropped from the
   optimizers, or an optimizer over the adapter is built if the module configured none; parameter counts logged.
 - ``on_save_checkpoint``: the checkpoint keeps only what trains (plus the adapter's record), never the base.
+
+A method may add work to each training step (``AdapterConfig.training_hooks``; AdaLoRA does):
+
+- ``on_before_optimizer_step``: the gradient of the method's regulariser is added to the parameters'
+  gradients. Lightning offers no hook that replaces the loss; adding ``∇R`` to the accumulated gradients equals
+  backpropagating ``loss + R`` (R does not depend on the batch), and here it is exact under gradient
+  accumulation (once per step), AMP (Lightning has unscaled the gradients) and DDP (R is the same on every
+  rank, and ``torch.autograd.grad`` fires no DDP reduction hooks); clipping comes after, as it should.
+  The logged loss is the user's, without R.
+- ``on_train_batch_end``: after a batch that stepped the optimizer, the method's ``after_optimizer_step`` runs
+  (AdaLoRA's rank allocation), with the gradients still in place: Lightning zeroes them only at the next step.
+- ``state_dict`` / ``load_state_dict``: the method's training state (importance scores, masks) rides in the
+  checkpoint with the callback's, so a resumed run continues the same schedule.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -26,7 +41,7 @@ from lightning_peft.adapter_io import FINGERPRINT_KEY
 from lightning_peft.checkpoint import AdapterCheckpointIO
 from lightning_peft.errors import AdapterMismatchError
 from lightning_peft.fingerprint import base_fingerprint
-from lightning_peft.methods.base import AdapterConfig
+from lightning_peft.methods.base import AdapterConfig, TrainingHooks
 from lightning_peft.optim import OptimName, build_optimizer
 from lightning_peft.strategy import PeftStrategyMixin
 from lightning_peft.surgery import active_config, adapter_layers, attach, count_parameters, find_transformer
@@ -60,6 +75,9 @@ class PeftCallback(Callback):
         self.optim = optim
         self._module: pl.LightningModule | None = None
         self._prefix = ""
+        self._hooks: TrainingHooks | None = None
+        self._hooks_state: dict[str, Any] = {}
+        self._stepped = False
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -92,6 +110,10 @@ class PeftCallback(Callback):
                 "(`if self.model is not None: return`), as Lightning requires."
             )
         self._prune_optimizers(trainer, pl_module)
+        steps = trainer.estimated_stepping_batches
+        self._hooks = active_config(model).training_hooks(model, int(steps) if math.isfinite(steps) else None)
+        if self._hooks is not None and self._hooks_state:
+            self._hooks.load_state_dict(self._hooks_state)
         trainable, total = count_parameters(pl_module)
         rank_zero_info(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
 
@@ -122,6 +144,35 @@ class PeftCallback(Callback):
         if left_out:
             rank_zero_warn(f"{len(left_out)} trainable adapter tensors are in no optimizer and will not train; "
                            f"pass self.parameters() (frozen ones are removed for you).")
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        self._stepped = True
+        penalty = self._hooks.regularizer() if self._hooks is not None else None
+        if penalty is None:
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+        grads = torch.autograd.grad(penalty, params, allow_unused=True)
+        for param, grad in zip(params, grads):
+            if grad is not None:
+                param.grad = grad if param.grad is None else param.grad.add_(grad)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._stepped and self._hooks is not None:
+            self._hooks.after_optimizer_step(trainer.global_step)
+        self._stepped = False
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"training_hooks": self._hooks.state_dict()} if self._hooks is not None else {}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._hooks_state = state_dict.get("training_hooks", {})
+        if self._hooks is not None and self._hooks_state:  # restored after on_fit_start
+            self._hooks.load_state_dict(self._hooks_state)
 
     def checkpoint_keys(self, pl_module: pl.LightningModule) -> set[str]:
         """State-dict keys a checkpoint keeps: every trainable parameter and every adapter tensor."""

@@ -71,6 +71,12 @@ def _lora(family: str):
     return LoraConfig(r=4, lora_alpha=8, target_modules=targets(family), init_lora_weights=False)
 
 
+def _adalora(family: str):
+    from lightning_peft import AdaLoraConfig
+
+    return AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=targets(family), init_lora_weights=False)
+
+
 def _prompt(family: str):
     from lightning_peft import PromptTuningConfig
 
@@ -88,6 +94,7 @@ def _prefix(family: str):
 # ``families`` limits an entry to the families the method supports (default: all).
 METHODS = {
     "lora": dict(make=_lora, peft=True, mergeable=True),
+    "adalora": dict(make=_adalora, peft=True, mergeable=True),
     "prompt": dict(make=_prompt, peft=True, mergeable=False),
     "prefix": dict(make=_prefix, peft=True, mergeable=False, families=[f for f in FAMILIES if f != "distilbert"]),
 }

@@ -1,12 +1,15 @@
 """The adapter methods, one module each, and the registry from HF PEFT's ``peft_type`` to config class."""
 
 from lightning_peft.errors import ConfigError
+from lightning_peft.methods.adalora import AdaLoraConfig
 from lightning_peft.methods.base import AdapterConfig, AdapterLayer
 from lightning_peft.methods.lora import LoraConfig, LoraLayer
 from lightning_peft.methods.prefix import PrefixTuningConfig
 from lightning_peft.methods.prompt import PromptTuningConfig
 
-CONFIG_CLASSES: dict[str, type[AdapterConfig]] = {cls.peft_type: cls for cls in (LoraConfig, PromptTuningConfig, PrefixTuningConfig)}
+CONFIG_CLASSES: dict[str, type[AdapterConfig]] = {
+    cls.peft_type: cls for cls in (LoraConfig, AdaLoraConfig, PromptTuningConfig, PrefixTuningConfig)
+}
 
 
 def config_class(peft_type: object, source: str = "adapter config") -> type[AdapterConfig]:
@@ -18,5 +21,14 @@ def config_class(peft_type: object, source: str = "adapter config") -> type[Adap
     return CONFIG_CLASSES[peft_type]
 
 
-__all__ = ["AdapterConfig", "AdapterLayer", "CONFIG_CLASSES", "LoraConfig", "LoraLayer", "PrefixTuningConfig", "PromptTuningConfig",
-           "config_class"]
+__all__ = [
+    "CONFIG_CLASSES",
+    "AdaLoraConfig",
+    "AdapterConfig",
+    "AdapterLayer",
+    "LoraConfig",
+    "LoraLayer",
+    "PrefixTuningConfig",
+    "PromptTuningConfig",
+    "config_class",
+]

@@ -168,7 +168,6 @@ class PrefixEncoder(AdapterLayer):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        return None
 
     def _refuse(self) -> MergeError:
         return MergeError("Cannot merge prefix tuning into the model: its prefix is extra keys and values every "

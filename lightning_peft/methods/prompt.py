@@ -220,7 +220,6 @@ class PromptEncoder(AdapterLayer):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        return None
 
     def _refuse(self) -> MergeError:
         return MergeError("Cannot merge prompt tuning into the model: its virtual tokens are extra inputs in front "
