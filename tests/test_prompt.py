@@ -146,3 +146,10 @@ def test_trains_on_a_4bit_base():
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_sample_vocab_init_copies_rows_of_the_embedding(llama):
+    (layer,) = attach(llama, PromptTuningConfig(num_virtual_tokens=4, prompt_tuning_init="SAMPLE_VOCAB")).values()
+    weight = llama.get_input_embeddings().weight.detach()
+    for row in layer.prompt_embeddings.detach():
+        assert (weight == row).all(dim=1).any()
