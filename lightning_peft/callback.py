@@ -98,7 +98,8 @@ class PeftCallback(Callback):
         self._module = pl_module
         pl_module.strict_loading = False  # checkpoints hold the adapter only; _validate_checkpoint checks them
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
-            trainer.strategy.checkpoint_io = AdapterCheckpointIO(validate=self._validate_checkpoint)
+            trainer.strategy.checkpoint_io = AdapterCheckpointIO(validate=self._validate_checkpoint,
+                                                                 prepare=self._adapter_only)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -189,6 +190,12 @@ class PeftCallback(Callback):
         model = find_transformer(pl_module)[1]
         checkpoint["peft"] = {"adapter_config": active_config(model).to_dict(), "model_prefix": self._prefix,
                               FINGERPRINT_KEY: base_fingerprint(model)}
+
+    def _adapter_only(self, checkpoint: dict[str, Any]) -> None:
+        """Trim a checkpoint that did not pass through ``on_save_checkpoint``: Lightning skips callbacks' hooks
+        for weights-only saves (``ModelCheckpoint(save_weights_only=True)``), which would write the whole base."""
+        if "peft" not in checkpoint and self._module is not None:
+            self.on_save_checkpoint(self._module.trainer, self._module, checkpoint)
 
     def _validate_checkpoint(self, checkpoint: dict[str, Any], path: str) -> None:
         """Refuse, before Lightning restores anything, a checkpoint whose tensors do not fit the adapted module."""

@@ -46,19 +46,24 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
 
 
 class AdapterCheckpointIO(TorchCheckpointIO):
-    """Atomic, pickle-free-weights checkpoint files; ``validate`` checks a loaded checkpoint before any use.
+    """Atomic, pickle-free-weights checkpoint files; ``validate`` checks a loaded checkpoint before any use, and
+    ``prepare`` edits one in place before it is written (weights-only saves skip callbacks' hooks, not this).
 
     Installed by ``PeftCallback`` in place of Lightning's default ``TorchCheckpointIO``.
     """
 
-    def __init__(self, validate: Callable[[dict[str, Any], str], None] | None = None) -> None:
+    def __init__(self, validate: Callable[[dict[str, Any], str], None] | None = None,
+                 prepare: Callable[[dict[str, Any]], None] | None = None) -> None:
         super().__init__()
         self.validate = validate
+        self.prepare = prepare
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}.")
+        if self.prepare is not None:
+            self.prepare(checkpoint)
         if "://" in str(path):  # remote file systems: no rename to rely on
             super().save_checkpoint(encode_state_dict(checkpoint), path)
             return
