@@ -160,12 +160,7 @@ def load_adapter(
     """
     config, tensors, spelling, fingerprint = read_adapter(path)
     if spelling == "disk":
-        saved = config.saved_form()
-        if is_trainable and saved != config:
-            warnings.warn(f"{path} holds {config.peft_type} in HF PEFT's saved form, which lacks part of what was "
-                          f"trained (prefix tuning's projection MLP); training continues from that form. Resume "
-                          f"from a Lightning checkpoint to keep the full trainable state.", stacklevel=2)
-        config = saved
+        config = config.saved_form()
     _, hf = find_transformer(model)
     reason = fingerprint_mismatch(hf, fingerprint)
     if reason is not None:

@@ -86,6 +86,18 @@ def test_text_init_uses_the_embeddings_of_the_text(tmp_path, llama, n, expected_
     torch.testing.assert_close(layer.prompt_embeddings.detach(), weight[expected_ids].detach())
 
 
+def test_text_initialised_adapter_loads_without_its_tokenizer(tmp_path, llama):
+    import shutil
+
+    tokenizer = _tokenizer_dir(tmp_path / "tokenizer")
+    attach(llama, PromptTuningConfig(num_virtual_tokens=N, prompt_tuning_init="TEXT", prompt_tuning_init_text="this",
+                                     tokenizer_name_or_path=tokenizer))
+    expected = llama(**batch()).logits
+    save_adapter(llama, tmp_path / "adapter")
+    shutil.rmtree(tokenizer)  # another machine: the tokenizer path is gone, the saved tensor is all that counts
+    torch.testing.assert_close(load_adapter(make_model("llama"), tmp_path / "adapter")(**batch()).logits, expected)
+
+
 def _greedy_without_cache(model, ids, steps):
     for _ in range(steps):
         nxt = model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)

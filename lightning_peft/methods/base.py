@@ -79,8 +79,9 @@ class AdapterConfig(ABC):
         return self
 
     def saved_form(self) -> AdapterConfig:
-        """The config whose layers hold exactly the tensors of a saved adapter directory. Every method saves what
-        it trains, except prefix tuning through an MLP, which HF PEFT saves after the projection."""
+        """The config to build layers from when loading a saved adapter directory: they must hold exactly its
+        tensors. Most methods save what they train; prefix tuning through an MLP is saved after the projection,
+        and prompt tuning skips its text initialisation (the tensor replaces it; the tokenizer may be absent)."""
         return self
 
     def training_hooks(self, model: nn.Module, total_steps: int | None) -> TrainingHooks | None:

@@ -120,6 +120,11 @@ class PromptTuningConfig(PromptLearningConfig):
         if self.prompt_tuning_init == "TEXT" and not (self.prompt_tuning_init_text and self.tokenizer_name_or_path):
             raise ConfigError("prompt_tuning_init='TEXT' needs prompt_tuning_init_text and tokenizer_name_or_path.")
 
+    def saved_form(self) -> PromptTuningConfig:
+        # Loading overwrites the initial prompt, so do not fetch the tokenizer a text initialisation needs.
+        return dataclasses.replace(self, prompt_tuning_init="RANDOM", prompt_tuning_init_text=None,
+                                   tokenizer_name_or_path=None)
+
     def build_layers(self, model: nn.Module) -> dict[str, PromptEncoder]:
         if hasattr(model, ENCODER_PATH):
             raise ConfigError(f"{type(model).__name__} already has an attribute {ENCODER_PATH!r}.")
