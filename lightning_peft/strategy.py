@@ -22,7 +22,6 @@ Registered with Lightning's ``StrategyRegistry``: ``"peft"``, ``"peft_ddp"`` (no
 from __future__ import annotations
 
 import os
-import weakref
 from collections.abc import Generator
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,7 +59,7 @@ class PeftStrategyMixin:
         self.checkpoint_dir = None if checkpoint_dir is None else str(checkpoint_dir)
         self.gradient_checkpointing = gradient_checkpointing
         self.gradient_checkpointing_kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        self._prepared: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        self._prepared: list[nn.Module] = []  # a list, not a WeakSet: spawn launchers pickle the strategy
 
     @property
     def default_optim(self) -> OptimName:
@@ -73,7 +72,7 @@ class PeftStrategyMixin:
         ``adapter`` names the modules it trains in full (``modules_to_save``), which stay unquantized.
         """
         _, model = find_transformer(pl_module)
-        if model in self._prepared:
+        if any(model is done for done in self._prepared):
             return
         device = self.root_device
         directory = self._checkpoint_directory(model) if meta_tensor_names(model) else None
@@ -96,7 +95,7 @@ class PeftStrategyMixin:
                 # Reentrant checkpointing only backpropagates into segments whose input requires grad; with a
                 # frozen embedding nothing would, so the embedding output is made to.
                 model.enable_input_require_grads()
-        self._prepared.add(model)
+        self._prepared.append(model)
 
     def _checkpoint_directory(self, model: nn.Module) -> str:
         directory = self.checkpoint_dir or getattr(model, "name_or_path", None) or None

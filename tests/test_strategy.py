@@ -9,7 +9,6 @@ import jsonargparse
 import pytest
 import torch
 import transformers
-import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import StrategyRegistry
 
@@ -84,7 +83,7 @@ def test_qlora_fit_with_the_model_built_in_init():
 
 def test_frozen_quantized_weights_never_reach_the_module_optimizer():
     module = CausalLM()  # configure_optimizers passes every parameter, frozen ones included
-    trainer(strategy=qlora(), callbacks=[PeftCallback(LoraConfig(**LORA))]).fit(module, loader(n=4))
+    trainer(strategy=qlora(), callbacks=[PeftCallback(LoraConfig(**LORA))], max_steps=1).fit(module, loader(n=4))
     (optimizer,) = module.trainer.optimizers
     params = [p for group in optimizer.param_groups for p in group["params"]]
     assert len(params) == 16 and all(p.requires_grad and p.is_floating_point() for p in params)
@@ -167,24 +166,25 @@ def test_checkpoints_hold_no_base_weight_and_resume_exactly(tmp_path, pretrained
         callbacks = [PeftCallback(LoraConfig(**LORA)), *kwargs.pop("callbacks", [])]
         ckpt_path = kwargs.pop("ckpt_path", None)
         trainer(strategy=qlora(), callbacks=callbacks, max_steps=max_steps, **kwargs).fit(
-            module, loader(n=16), ckpt_path=ckpt_path)
+            module, loader(n=8), ckpt_path=ckpt_path)
         return module
 
-    straight = run(8)
-    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1)
-    first = run(4, callbacks=[ckpt], enable_checkpointing=True)
-    state = read_checkpoint(tmp_path / "epoch=0-step=4.ckpt")["state_dict"]
+    straight = run(4)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
+    first = run(2, callbacks=[ckpt], enable_checkpointing=True)
+    state = read_checkpoint(tmp_path / "epoch=0-step=2.ckpt")["state_dict"]
     assert len(state) == 16 and all(".lora_" in k and t.is_floating_point() for k, t in state.items())
-    second = run(8, ckpt_path=tmp_path / "epoch=0-step=4.ckpt")
-    assert first.losses == straight.losses[:4]
-    torch.testing.assert_close(torch.tensor(second.losses), torch.tensor(straight.losses[4:]), rtol=1e-6, atol=1e-6)
+    second = run(4, ckpt_path=tmp_path / "epoch=0-step=2.ckpt")
+    assert first.losses == straight.losses[:2]
+    torch.testing.assert_close(torch.tensor(second.losses), torch.tensor(straight.losses[2:]), rtol=1e-6, atol=1e-6)
 
 
 def test_merge_callback_exports_a_plain_model_from_a_4bit_base(tmp_path):
     module = CausalLM()
     strategy = PeftStrategy(quantization=QuantizationConfig(**NF4, bnb_4bit_compute_dtype="float32"))
     trainer(strategy=strategy, callbacks=[PeftCallback(LoraConfig(**LORA)),
-                                          MergeCallback(tmp_path / "merged", dtype="float32")]).fit(module, loader(n=4))
+                                          MergeCallback(tmp_path / "merged", dtype="float32")],
+            max_steps=2).fit(module, loader(n=4))
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert not any(is_quantized(m) for m in merged.modules()) and merged.dtype == torch.float32
     module.model.eval()
@@ -221,14 +221,14 @@ def test_short_names_and_yaml_build_the_strategy():
     assert isinstance(trainer(strategy="peft_ddp").strategy, PeftDDPStrategy)
     parser = jsonargparse.ArgumentParser()
     parser.add_argument("--strategy", type=PeftStrategy)
-    config = yaml.safe_load("""
+    config = parser.parse_string("""
 strategy:
   class_path: lightning_peft.PeftStrategy
   init_args:
     quantization: {load_in_4bit: true, bnb_4bit_quant_type: nf4, bnb_4bit_compute_dtype: bfloat16}
     gradient_checkpointing: true
 """)
-    strategy = parser.instantiate_classes(parser.parse_object(config)).strategy
+    strategy = parser.instantiate_classes(config).strategy
     assert strategy.quantization == QuantizationConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                        bnb_4bit_compute_dtype="bfloat16")
     assert strategy.gradient_checkpointing

@@ -1,0 +1,195 @@
+"""Peak memory of getting a 4-bit model plus LoRA through one training step: transformers + PEFT against
+PeftStrategy's streaming quantize-at-setup.
+
+A random Llama of about 0.54B parameters is saved in bfloat16 with ``save_pretrained`` (sharded, like a hub
+checkpoint) to a temporary directory. Each side then runs in a fresh subprocess, which records its resident
+memory after its imports (the baseline) and its peak resident memory at the end (``ru_maxrss``):
+
+- transformers: ``from_pretrained(..., quantization_config=BitsAndBytesConfig(4-bit NF4, double quant))``,
+  ``peft.get_peft_model`` with LoRA r=16 on q, k, v, o, one AdamW step;
+- lightning_peft: a LightningModule that creates the model on the meta device from the directory's config,
+  ``Trainer(strategy=PeftStrategy(quantization=...), callbacks=[PeftCallback(...)], max_steps=1)``.
+
+Usage: ``python benchmarks/streaming_memory.py [--repeats N] [--out benchmarks/STREAMING.md]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ARCH = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=28, num_attention_heads=16,
+            num_key_value_heads=16, vocab_size=32000, max_position_embeddings=512, tie_word_embeddings=False)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+BATCH, SEQ = 2, 64
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+
+
+def build(directory: Path) -> int:
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**ARCH)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(directory, max_shard_size="300MB")
+    return sum(p.numel() for p in model.parameters())
+
+
+def batch():
+    import torch
+
+    ids = torch.randint(1, ARCH["vocab_size"], (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    return ids
+
+
+def run_transformers(directory: str) -> dict:
+    import bitsandbytes  # noqa: F401  (imported before the baseline on both sides)
+    import peft
+    import torch
+    import transformers
+
+    baseline = rss_bytes()
+    quantization = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        directory, quantization_config=quantization, dtype=torch.bfloat16, device_map="cpu")
+    model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = batch()
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    return {"baseline": baseline, "peak": peak_bytes()}
+
+
+def run_lightning_peft(directory: str) -> dict:
+    import bitsandbytes  # noqa: F401  (imported before the baseline on both sides)
+    import lightning as L
+    import torch
+    import transformers
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_peft import LoraConfig, PeftCallback, PeftStrategy, QuantizationConfig
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = None
+
+        def configure_model(self):
+            if self.model is None:
+                with torch.device("meta"):
+                    self.model = transformers.AutoModelForCausalLM.from_config(
+                        transformers.AutoConfig.from_pretrained(directory))
+
+        def training_step(self, batch, batch_idx):
+            (ids,) = batch
+            return self.model(input_ids=ids, labels=ids).loss
+
+        def configure_optimizers(self):
+            return None
+
+    baseline = rss_bytes()
+    quantization = QuantizationConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype="bfloat16")
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        strategy=PeftStrategy(quantization=quantization),
+                        callbacks=[PeftCallback(LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS),
+                                                learning_rate=1e-4, optim="adamw_torch")])
+    trainer.fit(Module(), DataLoader(TensorDataset(batch()), batch_size=BATCH))
+    return {"baseline": baseline, "peak": peak_bytes()}
+
+
+def measure(side: str, directory: Path) -> dict:
+    """Run one side in a fresh interpreter, so neither sees the other's allocations."""
+    out = subprocess.run([sys.executable, __file__, "--side", side, str(directory)], capture_output=True, text=True,
+                         check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"{side} failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def machine() -> str:
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    memory = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
+    return (f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB RAM, Linux {platform.release()}, "
+            f"Python {platform.python_version()}, torch {torch.__version__}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--side", choices=["transformers", "lightning_peft"], help=argparse.SUPPRESS)
+    parser.add_argument("directory", nargs="?", help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("STREAMING.md"))
+    args = parser.parse_args()
+    if args.side:
+        run = run_transformers if args.side == "transformers" else run_lightning_peft
+        print(json.dumps(run(args.directory)))
+        return
+
+    import importlib.metadata as md
+
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        params = build(directory)
+        disk = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
+        results = {side: [measure(side, directory) for _ in range(args.repeats)]
+                   for side in ("transformers", "lightning_peft")}
+    mb = 2**20
+    over = {side: [(r["peak"] - r["baseline"]) / mb for r in runs] for side, runs in results.items()}
+    ratio = max(over["lightning_peft"]) / min(over["transformers"])
+    versions = ", ".join(f"{p} {md.version(p)}" for p in ("transformers", "peft", "bitsandbytes", "lightning"))
+    lines = [
+        "# Streaming quantize-at-setup: peak memory",
+        "",
+        f"Produced by `python benchmarks/streaming_memory.py --repeats {args.repeats}`.",
+        "",
+        f"- Machine: {machine()}; {versions}.",
+        f"- Model: random Llama, {params / 1e9:.2f}B parameters ({ARCH['num_hidden_layers']} layers, hidden "
+        f"{ARCH['hidden_size']}, MLP {ARCH['intermediate_size']}, vocab {ARCH['vocab_size']}), saved in bfloat16 "
+        f"with `save_pretrained` ({disk / mb:.0f} MiB of safetensors shards).",
+        f"- Both: 4-bit NF4, double quantization, bfloat16 compute; LoRA r=16 on {', '.join(TARGETS)}; one "
+        f"training step on a batch of {BATCH}x{SEQ} tokens (forward, backward, AdamW step); CPU.",
+        "- Memory: peak resident set (`ru_maxrss`) minus the resident set after imports, each side in a fresh "
+        "process.",
+        "",
+        "| side | baseline after imports (MiB) | peak (MiB) | peak above baseline (MiB) |",
+        "|---|---|---|---|",
+    ]
+    for side, runs in results.items():
+        for r, extra in zip(runs, over[side]):
+            lines.append(f"| {side} | {r['baseline'] / mb:.0f} | {r['peak'] / mb:.0f} | {extra:.0f} |")
+    lines += [
+        "",
+        f"**Ratio** (worst lightning_peft run over best transformers run, above baseline): **{ratio:.2f}x** "
+        f"(target: at most 0.4x).",
+        "",
+    ]
+    args.out.write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
