@@ -1,0 +1,212 @@
+"""(IA)³ (Liu et al. 2022): learned vectors that rescale activations, the smallest adapter of all.
+
+::
+
+    attention keys / values:  y = l ⊙ (W x + b)        l: (out,)  scales the output
+    feed-forward (down) layer: y = W (l ⊙ x) + b        l: (in,)   scales the input
+
+A vector per targeted layer, initialised to ones (the model starts unchanged). On a Llama projection of
+4096×4096 that is 4096 numbers against LoRA r=16's 131k. Merging multiplies the weight (and for an output vector
+the bias) by ``l``, so the merged model costs nothing at inference. Files are HF PEFT's: ``ia3_l`` of shape
+(out, 1) for output vectors and (1, in) for feed-forward ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lightning_peft.errors import ConfigError, MergeError
+from lightning_peft.methods.base import (
+    AdapterConfig,
+    AdapterLayer,
+    check_module_patterns,
+    match_module_name,
+    output_head_paths,
+    select_targets,
+)
+from lightning_peft.quantization import compute_dtype, dense_linear, dequantize, is_quantized
+
+# HF PEFT's defaults for the families we test: keys, values and the feed-forward down projection.
+DEFAULT_TARGETS = {
+    "llama": ["k_proj", "v_proj", "down_proj"],
+    "mistral": ["k_proj", "v_proj", "down_proj"],
+    "qwen2": ["q_proj", "v_proj", "down_proj"],
+    "gpt2": ["c_attn", "mlp.c_proj"],
+    "bert": ["key", "value", "output.dense"],
+}
+DEFAULT_FEEDFORWARD = {
+    "llama": ["down_proj"],
+    "mistral": ["down_proj"],
+    "qwen2": ["down_proj"],
+    "gpt2": ["mlp.c_proj"],
+    "bert": ["output.dense"],
+}
+
+
+@dataclasses.dataclass
+class IA3Config(AdapterConfig):
+    """(IA)³ hyper-parameters, named as in HF PEFT.
+
+    Example::
+
+        IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+    """
+
+    peft_type: ClassVar[str] = "IA3"
+
+    target_modules: list[str] | str | None = None
+    """Module names or path suffixes, a full-match regex, or ``"all-linear"``. ``None``: HF PEFT's default for the
+    family (keys, values and the feed-forward down projection)."""
+    exclude_modules: list[str] | str | None = None
+    """Modules never adapted, with the same matching rules."""
+    feedforward_modules: list[str] | str | None = None
+    """Targets whose *input* is scaled (the paper's feed-forward rule); the others scale their output. Must be a
+    subset of ``target_modules`` when both are lists. ``None``: HF PEFT's default for the family."""
+    init_ia3_weights: bool = True
+    """``True``: vectors of ones (no-op start). ``False``: random around one (tests only)."""
+    fan_in_fan_out: bool = False
+    """Written ``True`` for layers that store weights as (in, out) (GPT-2's ``Conv1D``), as HF PEFT needs."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for field in ("target_modules", "exclude_modules", "feedforward_modules"):
+            check_module_patterns(field, getattr(self, field))
+            if isinstance(getattr(self, field), (tuple, set)):
+                setattr(self, field, sorted(getattr(self, field)))
+        if not isinstance(self.init_ia3_weights, bool):
+            raise ConfigError(f"init_ia3_weights must be True or False, got {self.init_ia3_weights!r}.")
+        if isinstance(self.feedforward_modules, list) and isinstance(self.target_modules, list):
+            extra = sorted(set(self.feedforward_modules) - set(self.target_modules))
+            if extra:
+                raise ConfigError(f"feedforward_modules {extra} are not in target_modules {self.target_modules}; "
+                                  f"a feed-forward module must also be a target.")
+
+    def _defaults(self, model: nn.Module) -> tuple[list[str] | str, list[str] | str]:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        targets, feedforward = self.target_modules, self.feedforward_modules
+        if (targets is None or feedforward is None) and model_type not in DEFAULT_TARGETS:
+            raise ConfigError(f"IA3Config needs target_modules and feedforward_modules for model_type={model_type!r} "
+                              f"(no default); e.g. target_modules=['k_proj', 'v_proj', 'down_proj'], "
+                              f"feedforward_modules=['down_proj'].")
+        return (DEFAULT_TARGETS[model_type] if targets is None else targets,
+                DEFAULT_FEEDFORWARD[model_type] if feedforward is None else feedforward)
+
+    def build_layers(self, model: nn.Module) -> dict[str, IA3Layer]:
+        targets, feedforward = self._defaults(model)
+        skip = set()
+        if targets == "all-linear":
+            targets, skip = r".*", output_head_paths(model)
+        selected = select_targets(model, targets, self.exclude_modules,
+                                  lambda m: isinstance(m, (nn.Linear, Conv1D)), skip)
+        return {path: IA3Layer(module, self, _is_feedforward(path, feedforward)) for path, module in selected.items()}
+
+
+def _is_feedforward(path: str, feedforward: list[str] | str) -> bool:
+    """HF PEFT's rule: a regex must match the whole path; a list entry matches a suffix of the path string."""
+    if isinstance(feedforward, str):
+        return match_module_name(path, feedforward)
+    return any(path.endswith(key) for key in feedforward)
+
+
+class IA3Layer(AdapterLayer):
+    """A scaling vector on the input (feed-forward) or output (others) of one linear layer (dense, ``Conv1D``
+    or 4-bit). The base layer is kept as ``base_layer`` and called unchanged."""
+
+    adapter_parameter_names: ClassVar[tuple[str, ...]] = ("ia3_l",)
+    disk_names: ClassVar[dict[str, str]] = {"ia3_l": "ia3_l"}
+
+    def __init__(self, base_layer: nn.Module, config: IA3Config, is_feedforward: bool) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.config = config
+        self.is_feedforward = is_feedforward
+        self.transposed = isinstance(base_layer, Conv1D)
+        if self.transposed:
+            self.in_features, self.out_features = base_layer.weight.shape
+        else:
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        weight = base_layer.weight
+        dtype = weight.dtype if weight.is_floating_point() else torch.float32
+        shape = (1, self.in_features) if is_feedforward else (self.out_features, 1)
+        self.ia3_l = nn.Parameter(torch.ones(shape, dtype=dtype, device=weight.device))
+        if config.init_ia3_weights is False and weight.device.type != "meta":
+            with torch.no_grad():
+                self.ia3_l.add_(torch.randn_like(self.ia3_l) * 0.3)
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        scale = self.ia3_l.flatten()
+        if self.is_feedforward:
+            dtype = compute_dtype(self.base_layer) or x.dtype
+            return self.base_layer((x.to(dtype) * scale.to(dtype)).to(x.dtype))
+        result = self.base_layer(x)
+        return (result * scale.to(result.dtype)).to(result.dtype)
+
+    def _dense_weight(self) -> torch.Tensor:
+        if is_quantized(self.base_layer):
+            return dequantize(self.base_layer)
+        return self.base_layer.weight.t() if self.transposed else self.base_layer.weight
+
+    def _weight_factor(self) -> torch.Tensor:
+        """``l`` shaped to multiply the (out, in) weight: columns for feed-forward layers, rows otherwise."""
+        return self.ia3_l.float()  # (1, in) or (out, 1): broadcasting picks columns or rows
+
+    @torch.no_grad()
+    def _scale(self, inverse: bool) -> None:
+        if not self.base_layer.weight.is_floating_point():
+            raise MergeError(f"Cannot merge IA3 in place into a quantized {type(self.base_layer).__name__}: rounding "
+                             f"back to low precision loses the update. Use merge_adapter(model, dtype=...) or "
+                             f"MergeCallback, which export dequantized weights.")
+        factor = self._weight_factor()
+        if inverse and not torch.all(factor != 0):
+            raise MergeError("Cannot unmerge IA3: a scaling entry is zero, so the original weight is lost.")
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        dense = weight.float().t() if self.transposed else weight.float()
+        dense = dense / factor if inverse else dense * factor
+        weight.copy_((dense.t() if self.transposed else dense).to(weight.dtype))
+        if bias is not None and not self.is_feedforward:
+            flat = factor.flatten()
+            bias.copy_((bias.float() / flat if inverse else bias.float() * flat).to(bias.dtype))
+
+    def merge(self) -> None:
+        if not self.merged:
+            self._scale(inverse=False)
+            self.merged = True
+
+    def unmerge(self) -> None:
+        if self.merged:
+            self._scale(inverse=True)
+            self.merged = False
+
+    def unload(self) -> nn.Module:
+        self.unmerge()
+        return self.base_layer
+
+    def merged_module(self) -> nn.Module:
+        if is_quantized(self.base_layer):  # a plain layer in the compute dtype: rounding back would lose the update
+            state = self.merged_state_dict()
+            return dense_linear(state["weight"], state.get("bias"))
+        self.merge()
+        return self.base_layer
+
+    @torch.no_grad()
+    def merged_state_dict(self) -> dict[str, torch.Tensor]:
+        weight = self._dense_weight()
+        merged = weight if self.merged else (weight.float() * self._weight_factor()).to(weight.dtype)
+        out = {"weight": merged.t() if self.transposed else merged}
+        bias = self.base_layer.bias
+        if bias is not None:
+            scaled = not self.merged and not self.is_feedforward
+            out["bias"] = (bias.float() * self.ia3_l.float().flatten()).to(bias.dtype) if scaled else bias.detach()
+        return out
+
+    def extra_repr(self) -> str:
+        side = "input" if self.is_feedforward else "output"
+        return f"scales={side}, merged={self.merged}"
