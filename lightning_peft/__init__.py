@@ -13,7 +13,14 @@ from lightning_peft.errors import (
     TargetModulesError,
 )
 from lightning_peft.merge import MergeCallback, export_merged, merge_adapter
-from lightning_peft.methods import AdaLoraConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig
+from lightning_peft.methods import (
+    AdaLoraConfig,
+    BottleneckAdapterConfig,
+    IA3Config,
+    LoraConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+)
 from lightning_peft.modules import CausalLMModule, SequenceClassificationModule
 from lightning_peft.quantization import QuantizationConfig
 from lightning_peft.strategy import PeftDDPStrategy, PeftStrategy
@@ -22,9 +29,11 @@ __all__ = [
     "AdaLoraConfig",
     "AdapterFileError",
     "AdapterMismatchError",
+    "BottleneckAdapterConfig",
     "CausalLMModule",
     "ChatDataModule",
     "ConfigError",
+    "IA3Config",
     "LoraConfig",
     "MergeCallback",
     "MergeError",

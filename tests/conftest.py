@@ -71,6 +71,30 @@ def _lora(family: str):
     return LoraConfig(r=4, lora_alpha=8, target_modules=targets(family), init_lora_weights=False)
 
 
+def _dora(family: str):
+    from lightning_peft import LoraConfig
+
+    return LoraConfig(r=4, lora_alpha=8, target_modules=targets(family), init_lora_weights=False, use_dora=True)
+
+
+# IA3: attention targets scale their output, the feed-forward down projection scales its input.
+IA3_FEEDFORWARD = {"llama": ["down_proj"], "mistral": ["down_proj"], "qwen2": ["down_proj"], "gpt2": ["mlp.c_proj"],
+                   "bert": ["output.dense"], "distilbert": ["lin2"]}
+
+
+def _ia3(family: str):
+    from lightning_peft import IA3Config
+
+    ffn = IA3_FEEDFORWARD[family]
+    return IA3Config(target_modules=targets(family) + ffn, feedforward_modules=ffn, init_ia3_weights=False)
+
+
+def _bottleneck(family: str):
+    from lightning_peft import BottleneckAdapterConfig
+
+    return BottleneckAdapterConfig(reduction_factor=4, init_weights=False)
+
+
 def _adalora(family: str):
     from lightning_peft import AdaLoraConfig
 
@@ -95,6 +119,11 @@ def _prefix(family: str):
 METHODS = {
     "lora": dict(make=_lora, peft=True, mergeable=True),
     "adalora": dict(make=_adalora, peft=True, mergeable=True),
+    # Fewer families for these three keep the matrix fast; each still runs on a causal (llama plus GPT-2's
+    # Conv1D) and an encoder family.
+    "dora": dict(make=_dora, peft=True, mergeable=True, families=["llama", "gpt2", "bert"]),
+    "ia3": dict(make=_ia3, peft=True, mergeable=True, families=["llama", "gpt2", "distilbert"]),
+    "bottleneck": dict(make=_bottleneck, peft=False, mergeable=False, families=["qwen2", "gpt2", "bert", "distilbert"]),
     "prompt": dict(make=_prompt, peft=True, mergeable=False),
     "prefix": dict(make=_prefix, peft=True, mergeable=False, families=[f for f in FAMILIES if f != "distilbert"]),
 }

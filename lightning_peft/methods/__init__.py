@@ -3,12 +3,15 @@
 from lightning_peft.errors import ConfigError
 from lightning_peft.methods.adalora import AdaLoraConfig
 from lightning_peft.methods.base import AdapterConfig, AdapterLayer
+from lightning_peft.methods.bottleneck import BottleneckAdapterConfig
+from lightning_peft.methods.ia3 import IA3Config
 from lightning_peft.methods.lora import LoraConfig, LoraLayer
 from lightning_peft.methods.prefix import PrefixTuningConfig
 from lightning_peft.methods.prompt import PromptTuningConfig
 
 CONFIG_CLASSES: dict[str, type[AdapterConfig]] = {
-    cls.peft_type: cls for cls in (LoraConfig, AdaLoraConfig, PromptTuningConfig, PrefixTuningConfig)
+    cls.peft_type: cls
+    for cls in (LoraConfig, AdaLoraConfig, IA3Config, BottleneckAdapterConfig, PromptTuningConfig, PrefixTuningConfig)
 }
 
 
@@ -26,6 +29,8 @@ __all__ = [
     "AdaLoraConfig",
     "AdapterConfig",
     "AdapterLayer",
+    "BottleneckAdapterConfig",
+    "IA3Config",
     "LoraConfig",
     "LoraLayer",
     "PrefixTuningConfig",

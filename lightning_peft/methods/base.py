@@ -28,7 +28,7 @@ _NEUTRAL_KEYS = {"peft_version", "inference_mode", "revision", "auto_mapping", "
 _UNSUPPORTED_WHEN_SET = {
     "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern", "layer_replication", "lora_bias",
     "target_parameters", "trainable_token_indices", "use_qalora", "use_bdlora", "alora_invocation_tokens",
-    "loftq_config", "megatron_config", "use_dora", "eva_config", "corda_config", "arrow_config", "kasa_config",
+    "loftq_config", "megatron_config", "eva_config", "corda_config", "arrow_config", "kasa_config",
 }
 
 
@@ -89,6 +89,11 @@ class AdapterConfig(ABC):
         allocation), run by ``PeftCallback``; None for methods that need nothing. ``total_steps`` is the number
         of optimizer steps of the run, when known."""
         return None
+
+    def lr_ratios(self, model: nn.Module) -> list[tuple[nn.Parameter, float]]:
+        """Adapter parameters in ``model`` that train at a multiple of the configured learning rate (LoRA+: the B
+        matrices); ``PeftCallback`` moves them into param groups of their own in whichever optimizer runs."""
+        return []
 
     def to_dict(self) -> dict[str, Any]:
         """The ``adapter_config.json`` content: our fields plus ``peft_type``, JSON-ready."""

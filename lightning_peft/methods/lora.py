@@ -73,6 +73,11 @@ class LoraConfig(AdapterConfig):
     ``False``: random B too, so the adapter changes outputs from the start (useful only for tests)."""
     use_rslora: bool = False
     """Rank-stabilised scaling ``lora_alpha / sqrt(r)``, which keeps high ranks learning (Kalajdzievski 2023)."""
+    use_dora: bool = False
+    """DoRA (``methods/dora.py``): a trainable magnitude per output row, LoRA on the direction; mergeable."""
+    loraplus_lr_ratio: float | None = None
+    """LoRA+ (Hayou et al. 2024): the B matrices train at ``loraplus_lr_ratio`` times the learning rate of A
+    (e.g. 16), in their own optimizer param groups, whatever optimizer is configured. Not saved for HF PEFT."""
     fan_in_fan_out: bool = False
     """Whether the targets store weights as (in, out). Read from the layer type (GPT-2's ``Conv1D`` does), and
     written for HF PEFT, which needs it set for such layers."""
@@ -89,6 +94,11 @@ class LoraConfig(AdapterConfig):
             raise ConfigError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}.")
         if self.init_lora_weights not in (True, False, "gaussian"):
             raise ConfigError(f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}.")
+        if not isinstance(self.use_dora, bool):
+            raise ConfigError(f"use_dora must be True or False, got {self.use_dora!r}.")
+        ratio = self.loraplus_lr_ratio
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio <= 0):
+            raise ConfigError(f"loraplus_lr_ratio must be a positive number (e.g. 16) or None, got {ratio!r}.")
         check_module_patterns("target_modules", self.target_modules)
         check_module_patterns("exclude_modules", self.exclude_modules)
         if isinstance(self.target_modules, (tuple, set)):
@@ -108,7 +118,16 @@ class LoraConfig(AdapterConfig):
         if targets == "all-linear":
             targets, skip = r".*", output_head_paths(model)
         selected = select_targets(model, targets, self.exclude_modules, _adaptable, skip)
+        if self.use_dora:
+            from lightning_peft.methods.dora import DoraLayer  # dora.py builds on this module
+
+            return {path: DoraLayer(module, self) for path, module in selected.items()}
         return {path: LoraLayer(module, self) for path, module in selected.items()}
+
+    def lr_ratios(self, model: nn.Module) -> list[tuple[nn.Parameter, float]]:
+        if self.loraplus_lr_ratio is None:
+            return []
+        return [(m.lora_B, float(self.loraplus_lr_ratio)) for m in model.modules() if isinstance(m, LoraLayer)]
 
     def trainable_base_parameters(self, model: nn.Module, layers: dict[str, AdapterLayer]) -> list[str]:
         if self.bias == "all":
@@ -120,6 +139,8 @@ class LoraConfig(AdapterConfig):
     def to_dict(self) -> dict:
         out = super().to_dict()
         out["fan_in_fan_out"] = self.fan_in_fan_out
+        if out["loraplus_lr_ratio"] is None:
+            del out["loraplus_lr_ratio"]  # a training choice HF PEFT's LoraConfig has no field for
         return out
 
 
