@@ -7,7 +7,8 @@ Hooks, in Lightning's order of events:
   streamed in from its checkpoint), then the adapter is injected and the base frozen,
   so DDP/FSDP wrap the adapted model and ``configure_optimizers`` sees it.
 - ``on_fit_start`` (optimizers exist, training state not yet restored): frozen tensors are dropped from the
-  optimizers, or an optimizer over the adapter is built if the module configured none; parameter counts logged.
+  optimizers, or an optimizer over the adapter is built if the module configured none; parameters a method
+  trains at another rate (LoRA+'s B matrices) move to param groups of their own; parameter counts logged.
 - ``on_save_checkpoint``: the checkpoint keeps only what trains (plus the adapter's record), never the base.
 
 A method may add work to each training step (``AdapterConfig.training_hooks``; AdaLoRA does):
@@ -42,7 +43,7 @@ from lightning_peft.checkpoint import AdapterCheckpointIO
 from lightning_peft.errors import AdapterMismatchError
 from lightning_peft.fingerprint import base_fingerprint
 from lightning_peft.methods.base import AdapterConfig, TrainingHooks
-from lightning_peft.optim import OptimName, build_optimizer
+from lightning_peft.optim import OptimName, build_optimizer, split_lr_groups
 from lightning_peft.strategy import PeftStrategyMixin
 from lightning_peft.surgery import active_config, adapter_layers, attach, count_parameters, find_transformer
 
@@ -111,6 +112,7 @@ class PeftCallback(Callback):
                 "(`if self.model is not None: return`), as Lightning requires."
             )
         self._prune_optimizers(trainer, pl_module)
+        self._split_lr_groups(trainer, model)
         steps = trainer.estimated_stepping_batches
         self._hooks = active_config(model).training_hooks(model, int(steps) if math.isfinite(steps) else None)
         if self._hooks is not None and self._hooks_state:
@@ -145,6 +147,19 @@ class PeftCallback(Callback):
         if left_out:
             rank_zero_warn(f"{len(left_out)} trainable adapter tensors are in no optimizer and will not train; "
                            f"pass self.parameters() (frozen ones are removed for you).")
+
+    def _split_lr_groups(self, trainer: pl.Trainer, model: torch.nn.Module) -> None:
+        """Give the parameters the method trains at another rate (LoRA+'s B matrices) param groups of their own, in
+        the optimizers just pruned or built, and teach their schedulers the new groups."""
+        ratios = {id(param): ratio for param, ratio in active_config(model).lr_ratios(model)}
+        if not ratios:
+            return
+        for optimizer in trainer.optimizers:
+            schedulers = [c.scheduler for c in trainer.lr_scheduler_configs if c.scheduler.optimizer is optimizer]
+            moved = split_lr_groups(optimizer, ratios, schedulers)
+            if moved:
+                rank_zero_info(f"{moved} adapter tensors train at {sorted(set(ratios.values()))} times the learning "
+                               f"rate of their group (LoRA+).")
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:

@@ -45,3 +45,45 @@ def build_optimizer(
         warnings.warn(f"optim={name!r} is unavailable here ({err}); using torch.optim.AdamW instead.", stacklevel=2)
         return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
     return cls(params, lr=learning_rate, weight_decay=weight_decay)
+
+
+_GROUP_RATES = ("lr", "initial_lr", "max_lr", "min_lr")  # per-group rates optimizers and schedulers keep
+
+
+def split_lr_groups(optimizer: torch.optim.Optimizer, ratios: dict[int, float], schedulers: Iterable[object] = ()
+                    ) -> int:
+    """Move the parameters in ``ratios`` (by ``id``) into param groups of their own, at ``ratio`` times their
+    group's learning rates; other hyper-parameters (weight decay, betas) are kept. Returns how many moved.
+
+    Schedulers of ``optimizer`` built before the split learn the new groups too: each gets its parent's base
+    rate (times the ratio) and, for lambda schedulers, its parent's lambda, so the ratio holds at every step.
+    """
+    moved = 0
+    for index, group in enumerate(list(optimizer.param_groups)):
+        by_ratio: dict[float, list[torch.nn.Parameter]] = {}
+        for param in group["params"]:
+            if id(param) in ratios:
+                by_ratio.setdefault(ratios[id(param)], []).append(param)
+        if not by_ratio:
+            continue
+        group["params"] = [p for p in group["params"] if id(p) not in ratios]
+        for ratio, params in by_ratio.items():
+            new = {k: (v * ratio if k in _GROUP_RATES and isinstance(v, (int, float)) else v)
+                   for k, v in group.items() if k != "params"}
+            optimizer.add_param_group({**new, "params": params})
+            for scheduler in schedulers:
+                _extend_scheduler(scheduler, index, ratio)
+            moved += len(params)
+    return moved
+
+
+def _extend_scheduler(scheduler: object, parent: int, ratio: float) -> None:
+    for child in getattr(scheduler, "_schedulers", []):  # SequentialLR, ChainedScheduler
+        _extend_scheduler(child, parent, ratio)
+    for name in ("base_lrs", "max_lrs", "min_lrs"):
+        values = getattr(scheduler, name, None)
+        if isinstance(values, list) and len(values) > parent:
+            values.append(values[parent] * ratio)
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if isinstance(lambdas, list) and len(lambdas) > parent:
+        lambdas.append(lambdas[parent])
