@@ -89,14 +89,15 @@ def generate(base: str, prompt: str | list[str] | None = None, adapter: str | No
     return answers
 
 
-def report(run_dir: str, output: str | None = None) -> Path:
+def report(run_dir: str, output: str | None = None, baseline: str | None = None) -> Path:
     """Draw a run's training and validation curves (loss, perplexity or accuracy, learning rate) to a PNG.
 
     Args:
-        run_dir: a run's log directory, or a folder above it (the newest metrics.csv below it is used).
+        run_dir: a run's log directory, or a folder above it (the newest training metrics.csv below it is used).
         output: the PNG to write; defaults to report.png next to the metrics.csv.
+        baseline: the log directory of a ``validate`` run of the base model, drawn at step 0.
     """
-    path = draw_report(run_dir, output)
+    path = draw_report(run_dir, output, baseline)
     print(f"Report written to {path}")
     return path
 

@@ -39,8 +39,13 @@ def read_series(path: Path) -> dict[str, list[tuple[float, float]]]:
     return series
 
 
-def draw_report(run_dir: str | os.PathLike, output: str | os.PathLike | None = None) -> Path:
-    """Draw loss, task metric and learning rate against step; returns the PNG's path."""
+def draw_report(run_dir: str | os.PathLike, output: str | os.PathLike | None = None,
+                baseline: str | os.PathLike | None = None) -> Path:
+    """Draw loss, task metric and learning rate against step; returns the PNG's path.
+
+    ``baseline`` is the log of a ``validate`` run of the untrained model: its validation values are drawn at
+    step 0, so the panels show where training started from.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -48,6 +53,7 @@ def draw_report(run_dir: str | os.PathLike, output: str | os.PathLike | None = N
 
     metrics = find_metrics(run_dir)
     series = read_series(metrics)
+    before = read_series(find_metrics(baseline)) if baseline is not None else {}
     metric_keys = next((keys for keys in _METRIC_PANELS if any(k in series for k in keys)), ())
     panels = [("loss", [k for k in ("train_loss", "val_loss") if k in series])]
     panels += [("validation " + ", ".join(metric_keys).replace("val_", ""), [k for k in metric_keys if k in series])]
@@ -60,8 +66,10 @@ def draw_report(run_dir: str | os.PathLike, output: str | os.PathLike | None = N
     for ax, (title, keys) in zip(axes[0], panels):
         for key in keys:
             steps, values = zip(*series[key])
-            marker = "o" if len(values) < 30 else None
-            ax.plot(steps, values, marker=marker, label=key)
+            line = ax.plot(steps, values, marker="o" if len(values) < 30 else None, label=key)[0]
+            if key.startswith("val_") and key in before:
+                ax.plot(0, before[key][-1][1], marker="s", color=line.get_color(), linestyle="none",
+                        label=f"{key} (baseline)")
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -12,5 +12,5 @@ start=$(date +%s)
 rm -rf "$RUN/base" "$RUN/finetune"
 "$VENV/bin/lightning-peft" validate --config "$CONFIG" --trainer.logger.init_args.version=base
 "$VENV/bin/lightning-peft" fit --config "$CONFIG" --trainer.logger.init_args.version=finetune
-"$VENV/bin/lightning-peft" report "$RUN/finetune" --output "$RUN/report.png"
+"$VENV/bin/lightning-peft" report "$RUN/finetune" --baseline "$RUN/base" --output "$RUN/report.png"
 "$VENV/bin/python" scripts/demo_summary.py "$RUN" --seconds $(( $(date +%s) - start ))

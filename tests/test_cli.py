@@ -4,8 +4,6 @@ trip, merge, generate and report."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,6 @@ from lightning_peft import ConfigError
 from lightning_peft.cli import main
 from tiny_assets import save_tiny_causal_lm, save_tiny_encoder
 
-ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["What is AI ?", "Do you like movies ?"]
 
 
@@ -140,8 +137,10 @@ def test_generate_subcommand_answers_every_prompt(fitted, tiny_lm, capsys):
     assert all(f"> {p}" in out for p in PROMPTS)
 
 
-def test_report_draws_a_png_from_the_run(fitted, tmp_path):
-    main(["report", str(fitted / "runs"), "--output", str(tmp_path / "curves.png")])
+def test_report_draws_a_png_from_the_run_with_its_baseline(fitted, tmp_path):
+    main(["validate", "--config", str(fitted / "config.yaml"), "--trainer.logger.init_args.version=base"])
+    main(["report", str(fitted / "runs"), "--baseline", str(fitted / "runs" / "tiny" / "base"),
+          "--output", str(tmp_path / "curves.png")])
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -168,8 +167,9 @@ def test_sequence_classification_logs_accuracy_and_f1(tmp_path):
     assert {"val_accuracy", "val_f1", "train_loss"} <= set(header)
 
 
-def test_console_script_help_lists_every_subcommand():
-    out = subprocess.run([sys.executable, "-m", "lightning_peft.cli", "--help"], capture_output=True, text=True,
-                         cwd=ROOT, check=True).stdout
+def test_help_lists_every_subcommand(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
     for name in ("fit", "validate", "test", "predict", "merge", "generate", "report"):
         assert name in out
