@@ -22,6 +22,7 @@ from lightning_peft.methods import (
     PromptTuningConfig,
 )
 from lightning_peft.modules import CausalLMModule, SequenceClassificationModule
+from lightning_peft.named_adapters import NamedAdapters
 from lightning_peft.quantization import QuantizationConfig
 from lightning_peft.strategy import PeftDDPStrategy, PeftStrategy
 
@@ -37,6 +38,7 @@ __all__ = [
     "LoraConfig",
     "MergeCallback",
     "MergeError",
+    "NamedAdapters",
     "PeftCallback",
     "PeftDDPStrategy",
     "PeftError",

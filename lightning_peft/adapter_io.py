@@ -169,11 +169,22 @@ def load_adapter(
         if strict:
             raise AdapterMismatchError(message)
         warnings.warn(message, stacklevel=2)
+    inject_tensors(hf, config, tensors, spelling, path)
+    if not is_trainable:
+        hf.requires_grad_(False)
+    return model
+
+
+def inject_tensors(hf: nn.Module, config: AdapterConfig, tensors: dict[str, torch.Tensor], spelling: str,
+                   source: object) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Attach ``config`` to the transformers model ``hf`` and copy in ``tensors`` (keys spelled as ``read_adapter``
+    says); on any error the model is left as it was. Returns the base tensors it overwrote (heads trained in
+    full, biases), each with a CPU copy of its value before, so the bare base can be restored."""
     flags = {name: p.requires_grad for name, p in hf.named_parameters()}
     try:
         attach(hf, config)
     except TargetModulesError as err:
-        raise AdapterMismatchError(f"{path} does not fit {type(hf).__name__}: {err}") from None
+        raise AdapterMismatchError(f"{source} does not fit {type(hf).__name__}: {err}") from None
     try:
         names = adapter_names(hf, active_config(hf))
         if spelling == "disk":
@@ -181,18 +192,21 @@ def load_adapter(
         else:
             prefix = f"{spelling}." if spelling else ""
             named = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        _check_tensors(hf, named, set(names.values()), path)
+        _check_tensors(hf, named, set(names.values()), source)
     except Exception:
         detach(hf)
         for name, param in hf.named_parameters():
             param.requires_grad_(flags[name])
         raise
+    owned = {f"{path}.{name}" for path, layer in adapter_layers(hf).items() for name in layer.adapter_parameters()}
+    overwritten = []
     with torch.no_grad():
         for name, value in named.items():
-            _get_tensor(hf, name).copy_(value)
-    if not is_trainable:
-        hf.requires_grad_(False)
-    return model
+            target = _get_tensor(hf, name)
+            if name not in owned:
+                overwritten.append((target, target.detach().cpu().clone()))
+            target.copy_(value)
+    return overwritten
 
 
 def _check_tensors(hf: nn.Module, named: dict[str, torch.Tensor], expected: set[str], path: object) -> None:
@@ -229,4 +243,4 @@ def _require_adapter(hf: nn.Module) -> AdapterConfig:
     return config
 
 
-__all__ = ["adapter_names", "adapter_state_dict", "load_adapter", "read_adapter", "save_adapter"]
+__all__ = ["adapter_names", "adapter_state_dict", "inject_tensors", "load_adapter", "read_adapter", "save_adapter"]
