@@ -16,8 +16,9 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
         "${PIP[@]}" install "torch==$TORCH_VERSION"
     else
         # No GPU: a CPU build (~200 MB), never the multi-GB CUDA wheel that plain `pip install torch` picks.
-        # A CPU wheel already on this machine (pip's find-links) is used first, else PyTorch's CPU index.
-        "${PIP[@]}" install --no-index "torch==$TORCH_VERSION" 2>/dev/null \
+        # A CPU wheel already on this machine (pip's find-links; its dependencies from the package index) is used
+        # first, else PyTorch's CPU index. The "+cpu" local version exists nowhere else, so no CUDA wheel comes in.
+        "${PIP[@]}" install "torch==$TORCH_VERSION+cpu" 2>/dev/null \
             || "${PIP[@]}" install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
     fi
 fi
