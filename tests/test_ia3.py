@@ -61,6 +61,10 @@ def test_family_without_default_names_the_fix():
 
 def test_merge_scales_output_biases_and_unmerge_restores_them():
     model = make_model("gpt2")
+    with torch.no_grad():  # GPT-2 starts with zero biases, which any scaling leaves alone
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_()
     layers = attach(model, IA3Config(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"],
                                      init_ia3_weights=False))
     before = {p: (l.base_layer.weight.clone(), l.base_layer.bias.clone()) for p, l in layers.items()}
