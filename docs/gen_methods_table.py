@@ -1,0 +1,96 @@
+"""Write the trainable-parameter table of docs/methods.md by building every method on one model and counting.
+
+The model is SmolLM2-135M's architecture (a Llama; the base of ``make demo``) created on the meta device, so the
+counts are exact and nothing is downloaded or allocated. Run from the repository root:
+
+    python docs/gen_methods_table.py           # rewrite the table in docs/methods.md
+    python docs/gen_methods_table.py --check   # exit 1 if the table is out of date
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from lightning_peft import (
+    AdaLoraConfig,
+    BottleneckAdapterConfig,
+    IA3Config,
+    LoraConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+)
+from lightning_peft.methods.base import AdapterConfig
+from lightning_peft.surgery import attach, count_parameters
+
+DOC = Path(__file__).resolve().parent / "methods.md"
+START, END = "<!-- methods-table:start -->", "<!-- methods-table:end -->"
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+# (method, config as written in the table, config, mergeable, read by HF PEFT)
+ROWS: list[tuple[str, str, AdapterConfig, str, str]] = [
+    ("LoRA", 'r=16, target_modules=["q_proj", "v_proj"]', LoraConfig(r=16, target_modules=["q_proj", "v_proj"]),
+     "yes", "yes"),
+    ("LoRA", "r=16, q/k/v/o", LoraConfig(r=16, target_modules=ATTENTION), "yes", "yes"),
+    ("LoRA", 'r=16, "all-linear"', LoraConfig(r=16, target_modules="all-linear"), "yes", "yes"),
+    ("rsLoRA", 'r=16, "all-linear", use_rslora=True', LoraConfig(r=16, target_modules="all-linear", use_rslora=True),
+     "yes", "yes"),
+    ("LoRA+", 'r=16, "all-linear", loraplus_lr_ratio=16',
+     LoraConfig(r=16, target_modules="all-linear", loraplus_lr_ratio=16), "yes", "yes"),
+    ("DoRA", 'r=16, "all-linear", use_dora=True', LoraConfig(r=16, target_modules="all-linear", use_dora=True),
+     "yes", "yes"),
+    ("AdaLoRA", "init_r=12, target_r=8, q/k/v/o",
+     AdaLoraConfig(init_r=12, target_r=8, total_step=1000, target_modules=ATTENTION), "yes", "yes"),
+    ("IA3", "defaults (k_proj, v_proj, down_proj)", IA3Config(), "yes", "yes"),
+    ("Bottleneck", "reduction_factor=16, placement=both", BottleneckAdapterConfig(reduction_factor=16), "no",
+     "no"),
+    ("Prompt tuning", "num_virtual_tokens=20", PromptTuningConfig(num_virtual_tokens=20), "no", "yes"),
+    ("Prefix tuning", "num_virtual_tokens=20", PrefixTuningConfig(num_virtual_tokens=20), "no", "yes"),
+]
+
+
+def smollm2_135m() -> torch.nn.Module:
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def table() -> str:
+    base_total = count_parameters(smollm2_135m())[1]
+    lines = [f"Measured on SmolLM2-135M's architecture ({base_total / 1e6:.1f}M parameters), by "
+             f"`docs/gen_methods_table.py`.", "",
+             "| Method | Config | Trainable parameters | % of base | Mergeable | HF PEFT loads it |",
+             "|---|---|---:|---:|---|---|"]
+    for name, shown, config, mergeable, peft in ROWS:
+        model = smollm2_135m()
+        attach(model, config)
+        trainable, _ = count_parameters(model)
+        lines.append(f"| {name} | `{shown}` | {trainable:,} | {100 * trainable / base_total:.3f} | {mergeable} "
+                     f"| {peft} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if docs/methods.md is out of date")
+    args = parser.parse_args()
+    text = DOC.read_text()
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    updated = f"{head}{START}\n{table()}\n{END}{tail}"
+    if args.check:
+        if updated != text:
+            print(f"{DOC} is out of date; run python docs/gen_methods_table.py", file=sys.stderr)
+            return 1
+        return 0
+    DOC.write_text(updated)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
