@@ -92,3 +92,24 @@ def test_split_keeps_hyper_parameters_and_extends_every_scheduler():
         optimizer.step()
         cosine.step()
     assert second["lr"] == pytest.approx(4 * first["lr"]) and first["lr"] < 1.0
+
+
+def test_resume_restores_the_split_optimizer_exactly(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def config():
+        return LoraConfig(**QV, loraplus_lr_ratio=16)
+
+    torch.manual_seed(0)
+    straight = CausalLM()
+    trainer(callbacks=[PeftCallback(config())], max_steps=6).fit(straight, loader(n=12))
+    torch.manual_seed(0)
+    first = CausalLM()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
+    trainer(callbacks=[PeftCallback(config()), ckpt], enable_checkpointing=True, max_steps=3).fit(first, loader(n=12))
+    torch.manual_seed(0)
+    second = CausalLM()
+    trainer(callbacks=[PeftCallback(config())], max_steps=6).fit(second, loader(n=12),
+                                                                 ckpt_path=tmp_path / "epoch=0-step=3.ckpt")
+    assert len(second.trainer.optimizers[0].param_groups) == 2
+    torch.testing.assert_close(torch.tensor(second.losses), torch.tensor(straight.losses[3:]), rtol=1e-6, atol=1e-6)
