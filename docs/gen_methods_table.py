@@ -62,8 +62,8 @@ def smollm2_135m() -> torch.nn.Module:
 
 def table() -> str:
     base_total = count_parameters(smollm2_135m())[1]
-    lines = [f"Measured on SmolLM2-135M's architecture ({base_total / 1e6:.1f}M parameters), by "
-             f"`docs/gen_methods_table.py`.", "",
+    source = f"Measured on SmolLM2-135M's architecture ({base_total / 1e6:.1f}M parameters), by `docs/gen_methods_table.py`."
+    lines = [source, "",
              "| Method | Config | Trainable parameters | % of base | Mergeable | HF PEFT loads it |",
              "|---|---|---:|---:|---|---|"]
     for name, shown, config, mergeable, peft in ROWS:

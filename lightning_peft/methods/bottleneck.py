@@ -114,7 +114,7 @@ class BottleneckLayer(AdapterLayer):
         weight = base_layer.weight
         hidden = weight.shape[1] if isinstance(base_layer, Conv1D) else base_layer.out_features
         width = max(1, hidden // config.reduction_factor)
-        factory = dict(dtype=weight.dtype if weight.is_floating_point() else torch.float32, device=weight.device)
+        factory = {"dtype": weight.dtype if weight.is_floating_point() else torch.float32, "device": weight.device}
         self.adapter_down = nn.Linear(hidden, width, **factory)
         self.activation = _ACTIVATIONS[config.non_linearity]()
         self.adapter_up = nn.Linear(width, hidden, **factory)
