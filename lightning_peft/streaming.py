@@ -3,11 +3,17 @@
 Each tensor is read from disk with plain file reads (no memory map, so pages already consumed do not stay
 resident), converted and placed: a weight of a quantized layer is quantized on arrival (``load_weight``), any
 other tensor takes the dtype the meta model declared. At no point does the full-precision
-model exist in memory: the peak is the quantized model plus the largest single tensor.
+model exist in memory: the peak is the quantized model plus the largest single tensor. The many short-lived
+buffers (each tensor, bitsandbytes' quantization temporaries) would leave the C heap fragmented, the freed
+memory still counted as resident (measured: +60% over the quantized model); on glibc the free pages are
+handed back to the system after each tensor.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import json
 import os
 import struct
@@ -60,6 +66,22 @@ def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, buffer.view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, which returns free heap pages to the system; None elsewhere."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+
+
+def release_free_memory() -> None:
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def _model_key(model: PreTrainedModel, key: str, names: set[str]) -> str | None:
     """``key`` as named in ``model``: checkpoints of a bare model lack the task model's prefix, and the reverse."""
     prefix = f"{model.base_model_prefix}." if model.base_model_prefix else ""
@@ -90,6 +112,8 @@ def stream_load(model: PreTrainedModel, directory: str | os.PathLike, device: to
             owner = model.get_submodule(owner_path)
             if is_quantized(owner) and attr == "weight":
                 load_weight(owner, tensor, device)
+                del tensor
+                release_free_memory()
                 continue
             current = getattr(owner, attr)
             dtype = current.dtype if current.is_floating_point() else tensor.dtype
