@@ -335,7 +335,7 @@ def report(results: dict, rounds_done: int, rounds: int, steps: int, warmup: int
         "docs/performance.md explains each figure.",
         "",
         f"Machine: {machine(accelerator)}.",
-        f"Load average (1, 5, 15 min) before: {load_before}; after: {load()}.",
+        f"Load average (1, 5, 15 min) before: {load_before}; after: {load()}.{_busy(load_before)}",
         "",
         "| configuration | " + " | ".join(title for _, title, _ in columns) + " |",
         "|---|" + "---|" * len(columns),
@@ -373,6 +373,16 @@ def report(results: dict, rounds_done: int, rounds: int, steps: int, warmup: int
 
 
 CUDA_RESULTS = RESULTS.with_name("RESULTS-cuda.md")
+
+
+def _busy(load_before: str) -> str:
+    """A warning when other work shared the CPU: then step times carry that work's noise."""
+    highest = max(float(load_before.split(",")[0]), os.getloadavg()[0])
+    if highest <= (os.cpu_count() or 1):
+        return ""
+    return (f" The machine was busy with other work during this run (load up to {highest:.1f} on "
+            f"{os.cpu_count()} cores): step times are slower and noisier than on an idle machine; the ratios pair "
+            "neighbouring runs to cancel part of it.")
 
 
 def main() -> None:
