@@ -66,7 +66,8 @@ def build_model():
 def data_loader(steps: int):
     from torch.utils.data import DataLoader, TensorDataset
 
-    ids = torch.randint(1, MODEL["vocab_size"], (steps * BATCH_SIZE, SEQ_LEN), generator=torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, MODEL["vocab_size"], (steps * BATCH_SIZE, SEQ_LEN), generator=generator)
     return DataLoader(TensorDataset(ids), batch_size=BATCH_SIZE)
 
 
@@ -329,7 +330,8 @@ def report(results: dict, rounds_done: int, rounds: int, steps: int, warmup: int
         f"# Benchmark: lightning_peft against Lightning + HF PEFT ({accelerator.upper()})",
         "",
         f"Written by `python benchmarks/compare.py{' --accelerator cuda' if accelerator == 'cuda' else ''}`: "
-        f"{rounds_done} rounds{progress}, {steps} steps per run of which the first {warmup} are warm-up, "
+        f"{rounds_done} round{'s' if rounds_done != 1 else ''}{progress}, {steps} steps per run of which the first "
+        f"{warmup} are warm-up, "
         f"{seconds / 60:.0f} min. Each cell is ours / theirs = ratio: the values are medians over rounds, the "
         "ratio is the median of the per-round ratios. Lower is better; ✓ / ✗ against the CPU target. "
         "docs/performance.md explains each figure.",
