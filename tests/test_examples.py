@@ -38,6 +38,8 @@ def overrides(config: dict, tiny: dict[str, Path]) -> list[str]:
             "--data.init_args.max_val_examples=4"]
     if "gguf_file" in model.get("init_args", {}):
         args.append("--model.init_args.gguf_file=null")
+    if "generate_prompts" in model.get("init_args", {}):
+        args.append("--model.init_args.max_new_tokens=2")
     return args
 
 
