@@ -114,7 +114,7 @@ def test_validate_test_and_predict_subcommands(fitted, tiny_lm, capsys):
     main(["validate", *base])
     main(["test", *base])
     capsys.readouterr()
-    main(["predict", *base, "--trainer.logger=false"])
+    main(["predict", *base, "--trainer.logger=false", f"--trainer.default_root_dir={fitted}"])
     printed = capsys.readouterr().out
     assert "'prompt':" in printed and "'response':" in printed
 
