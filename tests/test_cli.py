@@ -109,12 +109,12 @@ def test_print_config_output_runs_unchanged(tiny_lm, tmp_path, capsys):
     assert "val_loss" in (run_dir(tmp_path) / "metrics.csv").read_text()
 
 
-def test_validate_test_and_predict_subcommands(fitted, tiny_lm, capsys):
+def test_validate_test_and_predict_subcommands(fitted, tiny_lm, tmp_path, capsys):
     base = ["--config", str(fitted / "config.yaml")]
     main(["validate", *base])
     main(["test", *base])
     capsys.readouterr()
-    main(["predict", *base, "--trainer.logger=false", f"--trainer.default_root_dir={fitted}"])
+    main(["predict", *base, "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}"])
     printed = capsys.readouterr().out
     assert "'prompt':" in printed and "'response':" in printed
 
