@@ -13,7 +13,9 @@ can only be a bitsandbytes layer if bitsandbytes was imported, which is what ``i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
+import warnings
 from typing import Literal
 
 import torch
@@ -114,6 +116,10 @@ def quantize(linear: nn.Linear, config: QuantizationConfig, device: torch.device
             compress_statistics=config.bnb_4bit_use_double_quant, quant_type=config.bnb_4bit_quant_type,
             quant_storage=_STORAGE_DTYPES[config.bnb_4bit_quant_storage], device="meta",
         )
+        # On AVX-512 BF16 CPUs bitsandbytes repacks the weight at the first no-grad evaluation forward and then
+        # multiplies in bfloat16 whatever the compute dtype: evaluation would disagree with training, with a
+        # reloaded adapter and with merges. Dequantize-and-multiply in the compute dtype everywhere instead.
+        layer.support_avx512bf16_for_cpu = False
     else:
         layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False,
                                     threshold=config.llm_int8_threshold, device="meta")
@@ -207,12 +213,43 @@ def skip_paths(model: nn.Module, config: QuantizationConfig, keep: set[str] = fr
     return skip
 
 
+@functools.cache
+def cpu_4bit_row_length_works(in_features: int, quant_type: str, dtype: torch.dtype) -> bool:
+    """Whether bitsandbytes' CPU 4-bit kernels dequantize rows of ``in_features`` values correctly.
+
+    Its native AVX-512 kernel scales every block by the first block's scale when a row's length is not a multiple
+    of the 64-value block (bitsandbytes 0.50 on AVX-512 CPUs), which silently corrupts the layer's output. A probe
+    of 8 such rows with growing magnitudes tells, once per row length.
+    """
+    import bitsandbytes.functional as bnb_f
+
+    if in_features % 64 == 0:
+        return True
+    probe = torch.linspace(0.01, 1.0, 8 * in_features).reshape(8, in_features).to(dtype)
+    data, state = bnb_f.quantize_4bit(probe, quant_type=quant_type)
+    error = (bnb_f.dequantize_4bit(data, state).float() - probe.float()).abs().max()
+    return bool(error < 0.2)
+
+
 def quantize_model(model: nn.Module, config: QuantizationConfig, device: torch.device | str,
                    skip: set[str]) -> list[str]:
     """Replace every ``nn.Linear`` of ``model`` not in ``skip`` by its quantized layer, one at a time (so only
-    one full-precision weight is copied at once); returns the replaced paths."""
+    one full-precision weight is copied at once); returns the replaced paths.
+
+    On a CPU whose bitsandbytes kernels mishandle a layer's row length (``cpu_4bit_row_length_works``), that layer
+    stays in full precision, with a warning: a slower layer rather than a wrong one.
+    """
     targets = [path for path, module in model.named_modules()
                if type(module) is nn.Linear and path not in skip]
+    if config.load_in_4bit and torch.device(device).type == "cpu":
+        broken = [path for path in targets if not cpu_4bit_row_length_works(
+            model.get_submodule(path).in_features, config.bnb_4bit_quant_type, config.compute_dtype)]
+        if broken:
+            warnings.warn(
+                f"bitsandbytes' 4-bit CPU kernels on this machine miscompute layers whose input size is not a "
+                f"multiple of 64, so {len(broken)} layer(s) stay in full precision: {', '.join(broken[:4])}"
+                f"{', ...' if len(broken) > 4 else ''}. They are quantized on a GPU.", stacklevel=2)
+            targets = [path for path in targets if path not in broken]
     for path in targets:
         set_submodule(model, path, quantize(model.get_submodule(path), config, device))
     return targets

@@ -12,15 +12,16 @@ from conftest import VOCAB, make_model
 class CausalLM(L.LightningModule):
     """Builds its model in ``configure_model`` (``in_init=False``) or in ``__init__``; records every loss."""
 
-    def __init__(self, family: str = "llama", in_init: bool = True, optimizer: str | None = "all", lr: float = 1e-2):
+    def __init__(self, family: str = "llama", in_init: bool = True, optimizer: str | None = "all", lr: float = 1e-2,
+                 sizes: dict | None = None):
         super().__init__()
-        self.family, self.optimizer_kind, self.lr = family, optimizer, lr
-        self.model = make_model(family).train() if in_init else None
+        self.family, self.optimizer_kind, self.lr, self.sizes = family, optimizer, lr, sizes or {}
+        self.model = make_model(family, **self.sizes).train() if in_init else None
         self.losses: list[float] = []
 
     def configure_model(self):
         if self.model is None:
-            self.model = make_model(self.family).train()
+            self.model = make_model(self.family, **self.sizes).train()
 
     def training_step(self, batch, batch_idx):
         (ids,) = batch

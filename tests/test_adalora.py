@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
-from conftest import batch, make_model
+from conftest import QUANTIZABLE, batch, make_model
 from lightning_helpers import CausalLM, loader, trainer
 from lightning_peft import AdaLoraConfig, ConfigError, PeftCallback, load_adapter, merge_adapter, save_adapter
 from lightning_peft.checkpoint import read_checkpoint
@@ -133,7 +133,7 @@ def test_trains_and_merges_on_a_4bit_base():
     pytest.importorskip("bitsandbytes")
     from lightning_peft.quantization import QuantizationConfig, quantize_model
 
-    model = make_model("llama").train()
+    model = make_model("llama", **QUANTIZABLE).train()
     assert quantize_model(model, QuantizationConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"), "cpu",
                           skip={"lm_head"})
     attach(model, AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=QV, init_lora_weights=False))

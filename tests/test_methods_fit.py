@@ -7,7 +7,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from conftest import METHODS, batch, make_model
+from conftest import QUANTIZABLE, METHODS, batch, make_model
 from lightning_helpers import CausalLM, loader, trainer
 from lightning_peft import MergeError, PeftCallback, QuantizationConfig, load_adapter, merge_adapter, save_adapter
 from lightning_peft.checkpoint import read_checkpoint
@@ -34,7 +34,7 @@ def test_fit_trains_the_adapter_and_checkpoints_hold_only_it(tmp_path, method):
 
 
 def _four_bit(family: str = "llama"):
-    model = make_model(family)
+    model = make_model(family, **QUANTIZABLE)
     config = QuantizationConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
     quantize_model(model, config, "cpu", skip_paths(model, config))
     return model

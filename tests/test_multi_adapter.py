@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import METHODS, batch, make_model
+from conftest import QUANTIZABLE, METHODS, batch, make_model
 from lightning_peft import ConfigError, QuantizationConfig, load_adapter, save_adapter
 from lightning_peft.named_adapters import NamedAdapters
 from lightning_peft.quantization import quantize_model, skip_paths
@@ -16,7 +16,7 @@ KINDS = ["lora", "ia3", "bottleneck"]
 
 
 def _base(family: str, task: str, four_bit: bool):
-    model = make_model(family, task)
+    model = make_model(family, task, **QUANTIZABLE)
     if four_bit:
         config = QuantizationConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
         quantize_model(model, config, "cpu", skip_paths(model, config))
@@ -30,7 +30,7 @@ def saved(tmp_path_factory):
     paths = {}
     for family, task in (("llama", "causal"), ("bert", "seq_cls")):
         for seed, kind in enumerate(KINDS):
-            model = make_model(family, task)
+            model = make_model(family, task, **QUANTIZABLE)
             torch.manual_seed(seed)
             attach(model, METHODS[kind]["make"](family))
             if task == "seq_cls":  # the head each adapter trains in full differs from the base's
@@ -67,7 +67,7 @@ def test_each_adapter_matches_it_loaded_alone_and_disabled_is_the_base(saved, fa
 
 
 def test_delete_and_bad_names(saved):
-    model = make_model("llama")
+    model = make_model("llama", **QUANTIZABLE)
     adapters = NamedAdapters(model)
     adapters.load("a", saved["llama", "lora"])
     adapters.load("b", saved["llama", "ia3"])
@@ -82,7 +82,7 @@ def test_delete_and_bad_names(saved):
 
 
 def test_a_trained_adapter_is_adopted_and_keeps_its_changes(saved):
-    model = make_model("llama")
+    model = make_model("llama", **QUANTIZABLE)
     attach(model, METHODS["dora"]["make"]("llama"))
     expected = model(**batch()).logits
     adapters = NamedAdapters(model, name="trained")
@@ -94,7 +94,7 @@ def test_a_trained_adapter_is_adopted_and_keeps_its_changes(saved):
 
 
 def test_an_adapter_that_does_not_fit_is_refused_and_the_active_one_stays(saved):
-    model = make_model("llama")
+    model = make_model("llama", **QUANTIZABLE)
     adapters = NamedAdapters(model)
     adapters.load("lora", saved["llama", "lora"])
     expected = model(**batch()).logits

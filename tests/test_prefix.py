@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 
-from conftest import batch, make_model
+from conftest import QUANTIZABLE, batch, make_model
 from lightning_helpers import CausalLM, loader, trainer
 from lightning_peft import ConfigError, PeftCallback, PrefixTuningConfig, load_adapter, save_adapter
 from lightning_peft.checkpoint import read_checkpoint
@@ -132,7 +132,7 @@ def test_trains_on_a_4bit_base():
     pytest.importorskip("bitsandbytes")
     from lightning_peft.quantization import QuantizationConfig, quantize_model
 
-    model = make_model("llama").train()
+    model = make_model("llama", **QUANTIZABLE).train()
     assert quantize_model(model, QuantizationConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"), "cpu",
                           skip={"lm_head"})
     (layer,) = attach(model, PrefixTuningConfig(num_virtual_tokens=N)).values()

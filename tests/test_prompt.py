@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from conftest import VOCAB, batch, make_model
+from conftest import QUANTIZABLE, VOCAB, batch, make_model
 from lightning_helpers import CausalLM, loader, trainer
 from lightning_peft import ConfigError, PeftCallback, PromptTuningConfig, load_adapter, save_adapter
 from lightning_peft.checkpoint import read_checkpoint
@@ -143,7 +143,7 @@ def test_trains_on_a_4bit_base():
     pytest.importorskip("bitsandbytes")
     from lightning_peft.quantization import QuantizationConfig, quantize_model
 
-    model = make_model("llama").train()
+    model = make_model("llama", **QUANTIZABLE).train()
     replaced = quantize_model(model, QuantizationConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"), "cpu",
                               skip={"lm_head"})
     assert replaced

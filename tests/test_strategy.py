@@ -12,7 +12,7 @@ import transformers
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import StrategyRegistry
 
-from conftest import batch, make_model
+from conftest import QUANTIZABLE, batch, make_model
 from lightning_helpers import CausalLM, loader, trainer
 from lightning_peft import (
     ConfigError,
@@ -39,7 +39,7 @@ def qlora(**kwargs) -> PeftStrategy:
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     path = tmp_path_factory.mktemp("pretrained")
-    make_model("llama").save_pretrained(path)
+    make_model("llama", **QUANTIZABLE).save_pretrained(path)
     return path
 
 
@@ -67,7 +67,7 @@ def assert_qlora(model: torch.nn.Module) -> None:
 
 
 def test_qlora_fit_with_the_model_built_in_init():
-    module = CausalLM(optimizer=None)
+    module = CausalLM(optimizer=None, sizes=QUANTIZABLE)
     original = module.model.model.layers[0].self_attn.q_proj.weight.detach().clone()
     with pytest.warns(UserWarning, match="paging needs CUDA"):
         trainer(strategy=qlora(), callbacks=[PeftCallback(LoraConfig(**LORA), learning_rate=1e-2)]).fit(
@@ -82,7 +82,7 @@ def test_qlora_fit_with_the_model_built_in_init():
 
 
 def test_frozen_quantized_weights_never_reach_the_module_optimizer():
-    module = CausalLM()  # configure_optimizers passes every parameter, frozen ones included
+    module = CausalLM(sizes=QUANTIZABLE)  # configure_optimizers passes every parameter, frozen ones included
     trainer(strategy=qlora(), callbacks=[PeftCallback(LoraConfig(**LORA))], max_steps=1).fit(module, loader(n=4))
     (optimizer,) = module.trainer.optimizers
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -91,12 +91,12 @@ def test_frozen_quantized_weights_never_reach_the_module_optimizer():
 
 @pytest.mark.parametrize("style", ["configure_model", "init_module"])
 def test_meta_model_is_streamed_from_its_pretrained_directory(pretrained, style):
-    expected = make_model("llama")
+    expected = make_model("llama", **QUANTIZABLE)
     strategy = qlora()
     fit = trainer(strategy=strategy, callbacks=[PeftCallback(LoraConfig(**LORA))], max_steps=2)
     if style == "init_module":
         with fit.init_module(empty_init=True):
-            module = CausalLM(in_init=False)
+            module = CausalLM(in_init=False, sizes=QUANTIZABLE)
             module.model = transformers.AutoModelForCausalLM.from_config(
                 transformers.AutoConfig.from_pretrained(pretrained))
         assert module.model.lm_head.weight.device.type == "meta"
@@ -106,14 +106,14 @@ def test_meta_model_is_streamed_from_its_pretrained_directory(pretrained, style)
     assert_qlora(module.model)
     torch.testing.assert_close(module.model.model.embed_tokens.weight, expected.model.embed_tokens.weight)
     assert not [n for n, t in module.model.state_dict().items() if t.device.type == "meta"]
-    reference = make_model("llama")
+    reference = make_model("llama", **QUANTIZABLE)
     quantize_model(reference, strategy.quantization, "cpu", skip_paths(reference, strategy.quantization))
     streamed = module.model.model.layers[1].mlp.up_proj.weight
     assert torch.equal(streamed, reference.model.layers[1].mlp.up_proj.weight)  # same bytes as quantizing in memory
 
 
 def test_bfloat16_checkpoint_trains_with_float32_norms_and_head(tmp_path):
-    make_model("llama").to(torch.bfloat16).save_pretrained(tmp_path)
+    make_model("llama", **QUANTIZABLE).to(torch.bfloat16).save_pretrained(tmp_path)
     module = FromPretrained(tmp_path)
     strategy = PeftStrategy(quantization=QuantizationConfig(**NF4, bnb_4bit_compute_dtype="bfloat16"))
     trainer(strategy=strategy, callbacks=[PeftCallback(LoraConfig(**LORA))], max_steps=2).fit(module, loader(n=4))
@@ -147,7 +147,7 @@ def lora_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
     grads = []
     for checkpointing in (False, True):
-        module = CausalLM()
+        module = CausalLM(sizes=QUANTIZABLE)
         strategy = qlora(gradient_checkpointing=checkpointing,
                          gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         PeftCallback(LoraConfig(**LORA, init_lora_weights=False)).setup(
@@ -180,7 +180,7 @@ def test_checkpoints_hold_no_base_weight_and_resume_exactly(tmp_path, pretrained
 
 
 def test_merge_callback_exports_a_plain_model_from_a_4bit_base(tmp_path):
-    module = CausalLM()
+    module = CausalLM(sizes=QUANTIZABLE)
     strategy = PeftStrategy(quantization=QuantizationConfig(**NF4, bnb_4bit_compute_dtype="float32"))
     trainer(strategy=strategy, callbacks=[PeftCallback(LoraConfig(**LORA)),
                                           MergeCallback(tmp_path / "merged", dtype="float32")],
@@ -197,7 +197,7 @@ class RecordWrapped(Callback):
 
 
 def test_ddp_variant_quantizes_before_the_wrap(tmp_path):
-    module = CausalLM()
+    module = CausalLM(sizes=QUANTIZABLE)
     record = RecordWrapped()
     fit = trainer(strategy=PeftDDPStrategy(quantization=QuantizationConfig(load_in_8bit=True)),
                   callbacks=[PeftCallback(LoraConfig(**LORA)), record], max_steps=2)
