@@ -5,6 +5,7 @@ with no adapter (the floor), our LoRA layers and HF PEFT's. Prints CPU seconds p
 shared machine than wall time) and the operators that differ most from the floor.
 
     python benchmarks/profile_step.py --steps 6
+    python benchmarks/profile_step.py --steps 6 --nf4    # the same on an NF4 base (QLoRA)
 """
 
 from __future__ import annotations
@@ -17,13 +18,20 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from compare import LEARNING_RATE, LORA, MODEL, build_model
+from compare import LEARNING_RATE, LORA, MODEL, NF4, build_model
 
 VARIANTS = ("floor", "ours", "theirs")
 
 
-def build(variant: str):
+def build(variant: str, nf4: bool):
     model = build_model()
+    if nf4:  # the same bitsandbytes layers under both adapters: what differs is the adapter alone
+        from lightning_peft import QuantizationConfig
+        from lightning_peft.quantization import quantize_model, skip_paths
+
+        config = QuantizationConfig(**NF4, bnb_4bit_compute_dtype="float32")
+        quantize_model(model, config, "cpu", skip_paths(model, config))
+        model.requires_grad_(False)
     if variant == "floor":
         model.requires_grad_(False)
         model.enable_input_require_grads()
@@ -52,10 +60,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--nf4", action="store_true", help="quantize the base to NF4 first (QLoRA)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     ids = torch.randint(1, MODEL["vocab_size"], (4, 128), generator=torch.Generator().manual_seed(1))
-    built = {v: build(v) for v in VARIANTS}
+    built = {v: build(v, args.nf4) for v in VARIANTS}
     for v in VARIANTS:
         step(*built[v], ids)  # warm-up
     cpu, wall = defaultdict(list), defaultdict(list)
