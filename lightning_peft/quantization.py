@@ -23,7 +23,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lightning_peft.errors import ConfigError
-from lightning_peft.methods.base import check_module_patterns, match_module_name, output_head_paths
+from lightning_peft.methods.base import check_field_types, check_module_patterns, match_module_name, output_head_paths
 from lightning_peft.surgery import set_submodule
 
 _FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -57,9 +57,9 @@ class QuantizationConfig:
     """``"nf4"`` (NormalFloat, the QLoRA choice for normally distributed weights) or ``"fp4"``."""
     bnb_4bit_use_double_quant: bool = False
     """Quantize the per-block scales too: about 4.1 instead of 4.5 bits per weight."""
-    bnb_4bit_compute_dtype: str = "float32"
+    bnb_4bit_compute_dtype: str | torch.dtype = "float32"
     """dtype of the matmuls of 4-bit layers and of the LoRA path on them: ``float32``, ``bfloat16`` or ``float16``."""
-    bnb_4bit_quant_storage: str = "uint8"
+    bnb_4bit_quant_storage: str | torch.dtype = "uint8"
     """dtype the packed 4-bit data is stored as; a float dtype lets FSDP flatten it with other tensors."""
     llm_int8_skip_modules: list[str] | None = None
     """Linear layers kept in full precision, by name or path suffix. ``None``: the output head (``lm_head``) and
@@ -68,6 +68,7 @@ class QuantizationConfig:
     """8-bit only: input columns with larger values are multiplied in 16-bit (LLM.int8() outliers); 0 disables."""
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.load_in_4bit and self.load_in_8bit:
             raise ConfigError("load_in_4bit and load_in_8bit are both set; choose one.")
         if not (self.load_in_4bit or self.load_in_8bit):

@@ -17,7 +17,7 @@ CONFIG_CLASSES: dict[str, type[AdapterConfig]] = {
 
 def config_class(peft_type: object, source: str = "adapter config") -> type[AdapterConfig]:
     """The config class for ``peft_type``; refuses a missing or unknown type, naming the ones we support."""
-    if peft_type not in CONFIG_CLASSES:
+    if not isinstance(peft_type, str) or peft_type not in CONFIG_CLASSES:
         raise ConfigError(
             f"{source}: peft_type={peft_type!r} is not supported; expected one of {sorted(CONFIG_CLASSES)}."
         )

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
+import typing
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -53,6 +55,7 @@ class AdapterConfig(ABC):
     """Modules trained in full and saved with the adapter (e.g. a classification head), by name or suffix."""
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             raise ConfigError(f"task_type={self.task_type!r} is not one of {TASK_TYPES}.")
         check_module_patterns("modules_to_save", self.modules_to_save)
@@ -135,6 +138,34 @@ class AdapterConfig(ABC):
             return target(**kwargs)
         except TypeError as err:
             raise ConfigError(f"{source}: {err}") from None
+
+
+def check_field_types(config: object) -> None:
+    """Refuse a dataclass field whose value is not of its annotated type, naming the field: a config read from
+    JSON or YAML must fail here rather than deep in the math (ints pass for floats; bools pass for neither)."""
+    hints = typing.get_type_hints(type(config))
+    for field in dataclasses.fields(config):
+        value, hint = getattr(config, field.name), hints[field.name]
+        if not _matches(value, hint):
+            expected = str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            raise ConfigError(f"{type(config).__name__}: {field.name}={value!r} is not of type {expected}.")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return any(value == arg and type(value) is type(arg) for arg in args)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in args)
+    if origin is list:
+        return isinstance(value, (list, tuple, set)) and all(_matches(item, args[0]) for item in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items())
+    if hint is type(None):
+        return value is None
+    if hint in (int, float):
+        return isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
+    return isinstance(value, hint)
 
 
 def match_module_name(name: str, patterns: str | list[str] | None) -> bool:
