@@ -16,7 +16,7 @@ import pytest
 from lightning_peft.checkpoint import read_checkpoint
 
 SCRIPT = Path(__file__).parent / "scripts" / "crash_fit.py"
-MAX_STEPS = 40
+MAX_STEPS = 120  # far more than three kills take, so no run finishes before its kill
 
 
 def _complete_checkpoints(out: Path, running: bool = False) -> list[int]:
