@@ -20,7 +20,6 @@ from typing import Literal
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from lightning_peft.errors import ConfigError
 from lightning_peft.methods.base import check_field_types, check_module_patterns, match_module_name, output_head_paths
@@ -189,13 +188,38 @@ def is_norm(module: nn.Module) -> bool:
     return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or "Norm" in type(module).__name__
 
 
-def upcast_for_stability(model: nn.Module) -> None:
-    """Norms in float32 for stability next to a low-precision base (as PEFT's ``prepare_model_for_kbit_training``),
-    and so the layers left unquantized, which receive the norms' float32 outputs (``lm_head``, heads); input
-    embeddings keep their dtype, which is where most of the unquantized memory is."""
+def upcast_for_stability(model: nn.Module, trained: list[str] = ()) -> None:
+    """Norms compute in float32 for stability next to a low-precision base (as PEFT's
+    ``prepare_model_for_kbit_training``), but hand their output on in the dtype they received; the modules at
+    the paths ``trained`` (trained in full, e.g. a classification head) hold and compute float32 weights.
+
+    A float32 RMSNorm weight would otherwise promote its output, and with it the whole residual stream, to float32:
+    twice the activation memory of a bfloat16 model, and a float32 copy of every layer left unquantized (the output
+    head) to accept it. The 4-bit layers compute in their compute dtype either way.
+    """
     for module in model.modules():
-        if is_norm(module) or (isinstance(module, (nn.Linear, Conv1D)) and not is_quantized(module)):
+        if is_norm(module) and _has_low_precision_weights(module):
             module.float()
+            module.register_forward_hook(_output_in_input_dtype)
+    for path in trained:
+        module = model.get_submodule(path)
+        if _has_low_precision_weights(module):
+            module.float()
+            module.register_forward_pre_hook(_inputs_in_float32)
+
+
+def _has_low_precision_weights(module: nn.Module) -> bool:
+    return any(p.is_floating_point() and p.dtype != torch.float32 for p in module.parameters())
+
+
+def _inputs_in_float32(module: nn.Module, args: tuple) -> tuple:
+    return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
+def _output_in_input_dtype(module: nn.Module, args: tuple, output: object) -> object:
+    if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
+        return output.to(args[0].dtype)
+    return output
 
 
 def skip_paths(model: nn.Module, config: QuantizationConfig, keep: set[str] = frozenset()) -> set[str]:

@@ -2,7 +2,7 @@
 
 Preparing the base means, in this order: quantize every linear layer not skipped (``QuantizationConfig``), fill a
 model created on the meta device from its pretrained directory tensor by tensor (``streaming``), freeze the
-base with norms (and the layers left unquantized) in float32, and switch on gradient checkpointing.
+base with norms (and the modules trained in full) in float32, and switch on gradient checkpointing.
 
 When it happens, and why there: the adapter must sit on top of the quantized layers, and ``PeftCallback``
 injects it in its ``setup`` hook, which Lightning runs before ``strategy.setup``. So the callback asks the
@@ -76,8 +76,8 @@ class PeftStrategyMixin:
             return
         device = self.root_device
         directory = self._checkpoint_directory(model) if meta_tensor_names(model) else None
+        keep = set()
         if self.quantization is not None:
-            keep = set()
             if adapter is not None:
                 keep = set(modules_to_save_paths(model, resolve_config(model, adapter)))
             replaced = quantize_model(model, self.quantization, device, skip_paths(model, self.quantization, keep))
@@ -88,7 +88,7 @@ class PeftStrategyMixin:
             rank_zero_info(f"Loaded the base weights from {directory}, tensor by tensor.")
         if self.quantization is not None:
             model.requires_grad_(False)
-            upcast_for_stability(model)
+            upcast_for_stability(model, sorted(keep))
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=self.gradient_checkpointing_kwargs)
             if self.gradient_checkpointing_kwargs.get("use_reentrant"):

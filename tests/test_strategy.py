@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import bitsandbytes as bnb
 import jsonargparse
+import lightning as L
 import pytest
 import torch
 import transformers
@@ -112,15 +113,39 @@ def test_meta_model_is_streamed_from_its_pretrained_directory(pretrained, style)
     assert torch.equal(streamed, reference.model.layers[1].mlp.up_proj.weight)  # same bytes as quantizing in memory
 
 
-def test_bfloat16_checkpoint_trains_with_float32_norms_and_head(tmp_path):
+def test_bfloat16_checkpoint_trains_with_float32_norms_and_bfloat16_activations(tmp_path):
     make_model("llama", **QUANTIZABLE).to(torch.bfloat16).save_pretrained(tmp_path)
     module = FromPretrained(tmp_path)
     strategy = PeftStrategy(quantization=QuantizationConfig(**NF4, bnb_4bit_compute_dtype="bfloat16"))
     trainer(strategy=strategy, callbacks=[PeftCallback(LoraConfig(**LORA))], max_steps=2).fit(module, loader(n=4))
     model = module.model
-    assert model.model.embed_tokens.weight.dtype == torch.bfloat16  # the bulk of what stays unquantized
-    assert model.model.norm.weight.dtype == model.lm_head.weight.dtype == torch.float32
+    # What stays unquantized keeps the checkpoint's dtype; the norms compute in float32 but hand on bfloat16.
+    assert model.model.embed_tokens.weight.dtype == model.lm_head.weight.dtype == torch.bfloat16
+    assert model.model.norm.weight.dtype == torch.float32
+    hidden = model(**batch(), output_hidden_states=True).hidden_states
+    assert all(h.dtype == torch.bfloat16 for h in hidden)
     assert all(torch.isfinite(torch.tensor(module.losses)))
+    norm = model.model.norm
+    x = torch.randn(3, norm.weight.shape[0]).to(torch.bfloat16)
+    variance = x.float().pow(2).mean(-1, keepdim=True)
+    expected = (norm.weight * (x.float() * torch.rsqrt(variance + norm.variance_epsilon)).to(torch.bfloat16))
+    torch.testing.assert_close(norm(x), expected.to(torch.bfloat16), rtol=0, atol=0)
+
+
+class Holder(L.LightningModule):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+
+def test_head_trained_in_full_on_a_bfloat16_base_holds_float32_weights(tmp_path):
+    make_model("bert", "seq_cls", **QUANTIZABLE).to(torch.bfloat16).save_pretrained(tmp_path)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    strategy = PeftStrategy(quantization=QuantizationConfig(**NF4, bnb_4bit_compute_dtype="bfloat16"))
+    strategy.prepare_model(Holder(model), LoraConfig(r=4, target_modules=["query", "value"]))
+    assert model.classifier.weight.dtype == torch.float32 and not is_quantized(model.classifier)
+    assert model.bert.embeddings.word_embeddings.weight.dtype == torch.bfloat16
+    assert model(**batch()).logits.dtype == torch.float32
 
 
 def test_checkpoint_dir_argument_and_a_meta_model_without_one(tmp_path, pretrained):

@@ -200,7 +200,7 @@ class LoraLayer(AdapterLayer):
         if result.dtype != down.dtype:
             return result + F.linear(down * self.scaling, self.lora_B.to(dtype)).to(result.dtype)
         # One GEMM adds scaling · down @ B^T onto the base output: no full-size temporaries.
-        flat = torch.addmm(result.reshape(-1, self.out_features), down.reshape(-1, self.r), self.lora_B.t(),
+        flat = torch.addmm(result.reshape(-1, self.out_features), down.reshape(-1, self.r), self.lora_B.to(dtype).t(),
                            alpha=self.scaling)
         return flat.view(result.shape)
 
