@@ -5,7 +5,6 @@ leak this guards against, is caught by the same measure."""
 from __future__ import annotations
 
 import os
-import statistics
 
 import lightning as L
 import pytest
@@ -15,7 +14,9 @@ from lightning_helpers import CausalLM, loader
 from lightning_peft import AdaLoraConfig, LoraConfig, PeftCallback
 
 STEPS, SETTLE = 300, 100  # steps run, and the first steps left out (allocator and caches warming up)
-LEAK_LIMIT = 4096  # bytes of resident growth per step tolerated: a clean run measures ~0.5 KB, kept graphs 100+ KB
+# Bytes of resident growth per step tolerated: a clean run measures ~0.5 KB (plus the allocator's occasional jump of
+# a few hundred KB), one that keeps its graphs 100+ KB.
+LEAK_LIMIT = 10_000
 
 
 def resident_bytes() -> int:
@@ -45,16 +46,14 @@ class KeepsGraphs(CausalLM):
 
 
 def growth_per_step(module: L.LightningModule, adapter) -> float:
-    """Median over late windows of the resident growth per step (robust to the allocator's occasional jumps)."""
+    """Resident growth per step over the steps after ``SETTLE``."""
     probe = ResidentProbe()
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=STEPS, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[PeftCallback(adapter, learning_rate=1e-3), probe])
     trainer.fit(module, loader(n=64, batch_size=4))
     late = probe.samples[SETTLE:]
-    window = 50
-    slopes = [(late[i + window] - late[i]) / window for i in range(0, len(late) - window, window // 2)]
-    return statistics.median(slopes)
+    return (late[-1] - late[0]) / (len(late) - 1)
 
 
 @pytest.mark.slow
