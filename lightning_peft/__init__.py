@@ -12,6 +12,7 @@ from lightning_peft.errors import (
     PeftError,
     TargetModulesError,
 )
+from lightning_peft.fsdp import PeftFSDPStrategy
 from lightning_peft.merge import MergeCallback, export_merged, merge_adapter
 from lightning_peft.methods import (
     AdaLoraConfig,
@@ -42,6 +43,7 @@ __all__ = [
     "PeftCallback",
     "PeftDDPStrategy",
     "PeftError",
+    "PeftFSDPStrategy",
     "PeftStrategy",
     "PrefixTuningConfig",
     "PromptTuningConfig",

@@ -5,7 +5,9 @@ Hooks, in Lightning's order of events:
 - ``setup`` (before ``configure_model`` and before the strategy moves, wraps and builds optimizers): the model
   is built now if the module creates it in ``configure_model``, prepared by a ``PeftStrategy`` (quantized,
   streamed in from its checkpoint), then the adapter is injected and the base frozen,
-  so DDP/FSDP wrap the adapted model and ``configure_optimizers`` sees it.
+  so DDP/FSDP wrap the adapted model and ``configure_optimizers`` sees it. Under FSDP it takes
+  ``PeftFSDPStrategy``, which keeps the adapter whole on every rank (``fsdp.py``); Lightning's ``FSDPStrategy``,
+  which would shard it, is refused. Parameter counts are taken here, before FSDP shards the base.
 - ``on_fit_start`` (optimizers exist, training state not yet restored): frozen tensors are dropped from the
   optimizers, or an optimizer over the adapter is built if the module configured none; parameters a method
   trains at another rate (LoRA+'s B matrices) move to param groups of their own; parameter counts logged.
@@ -34,14 +36,17 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch.distributed.fsdp import FullyShardedDataParallel
 from typing_extensions import override
 
 from lightning_peft.adapter_io import FINGERPRINT_KEY
 from lightning_peft.checkpoint import AdapterCheckpointIO
-from lightning_peft.errors import AdapterMismatchError
+from lightning_peft.errors import AdapterMismatchError, ConfigError
 from lightning_peft.fingerprint import base_fingerprint
+from lightning_peft.fsdp import PeftFSDPStrategy, clean_name
 from lightning_peft.methods.base import AdapterConfig, TrainingHooks
 from lightning_peft.optim import OptimName, build_optimizer, split_lr_groups
 from lightning_peft.strategy import PeftStrategyMixin
@@ -79,9 +84,16 @@ class PeftCallback(Callback):
         self._hooks: TrainingHooks | None = None
         self._hooks_state: dict[str, Any] = {}
         self._stepped = False
+        self._counts = (0, 0)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if isinstance(trainer.strategy, FSDPStrategy) and not isinstance(trainer.strategy, PeftFSDPStrategy):
+            raise ConfigError(
+                "PeftCallback under FSDP needs PeftFSDPStrategy (strategy='peft_fsdp'), Lightning's FSDPStrategy "
+                "with the adapter kept whole on every rank: FSDPStrategy would shard it with the base, so "
+                "save_adapter could not write it from rank 0 and checkpoints would gather the whole base."
+            )
         if is_overridden("configure_model", pl_module):
             # Lightning calls configure_model after this hook and requires it to be idempotent: building the model
             # here, in the same contexts Lightning would use, lets the adapter go in before the strategy wraps it.
@@ -95,7 +107,13 @@ class PeftCallback(Callback):
         if isinstance(trainer.strategy, PeftStrategyMixin):
             trainer.strategy.prepare_model(pl_module, self.adapter)  # quantize / stream in the base first
         if active_config(model) is None:
+            if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+                raise ConfigError(
+                    "configure_model wrapped layers in FSDP before the adapter went in; leave the wrapping to the "
+                    "strategy (PeftFSDPStrategy wraps each transformer block, or pass auto_wrap_policy)."
+                )
             attach(model, self.adapter)
+        self._counts = count_parameters(pl_module)  # once FSDP shards the base, each rank would count its shard
         self._module = pl_module
         pl_module.strict_loading = False  # checkpoints hold the adapter only; _validate_checkpoint checks them
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
@@ -117,7 +135,7 @@ class PeftCallback(Callback):
         self._hooks = active_config(model).training_hooks(model, int(steps) if math.isfinite(steps) else None)
         if self._hooks is not None and self._hooks_state:
             self._hooks.load_state_dict(self._hooks_state)
-        trainable, total = count_parameters(pl_module)
+        trainable, total = self._counts
         rank_zero_info(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
 
     def _prune_optimizers(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -192,10 +210,10 @@ class PeftCallback(Callback):
 
     def checkpoint_keys(self, pl_module: pl.LightningModule) -> set[str]:
         """State-dict keys a checkpoint keeps: every trainable parameter and every adapter tensor."""
-        keys = {name for name, p in pl_module.named_parameters() if p.requires_grad}
+        keys = {clean_name(name) for name, p in pl_module.named_parameters() if p.requires_grad}
         prefix = f"{self._prefix}." if self._prefix else ""
         for path, layer in adapter_layers(find_transformer(pl_module)[1]).items():
-            keys.update(f"{prefix}{path}.{name}" for name in layer.adapter_parameters())
+            keys.update(clean_name(f"{prefix}{path}.{name}") for name in layer.adapter_parameters())
         return keys
 
     @override
@@ -228,7 +246,8 @@ class PeftCallback(Callback):
                 f"resume with the adapter config the checkpoint was written with."
             )
         state = checkpoint.get("state_dict", {})
-        own = dict(self._module.state_dict(keep_vars=True))
+        # Parameters, not state_dict(): under FSDP that would gather the base on every rank.
+        own = {clean_name(n): p for n, p in self._module.named_parameters(remove_duplicate=False)}
         expected = self.checkpoint_keys(self._module)
         missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
         wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state.keys() & expected

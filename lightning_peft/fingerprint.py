@@ -4,6 +4,9 @@ HF PEFT checks only shapes, so an adapter loaded onto another base of the same a
 garbage. We record a hash of the architecture config and 16 values sampled from the input embedding (never
 quantized, never adapted by the methods here), compared with a tolerance that survives a bf16/fp16 round trip
 but not a different set of weights.
+
+Under FSDP the embedding is sharded and no rank can read the samples alone; ``pin_fingerprint`` records the
+fingerprint on the model before the wrap, and ``base_fingerprint`` returns it from then on.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 from transformers import PreTrainedModel
 
 SAMPLES = 16
+_PINNED = "_lightning_peft_fingerprint"
 # Config keys that do not change which weights a model has (paths, dtypes, runtime switches).
 _VOLATILE = {
     "_name_or_path", "name_or_path", "dtype", "torch_dtype", "transformers_version", "quantization_config",
@@ -40,7 +44,15 @@ def _embedding_samples(model: PreTrainedModel) -> list[float]:
 
 
 def base_fingerprint(model: PreTrainedModel) -> dict[str, Any]:
+    pinned = getattr(model, _PINNED, None)
+    if pinned is not None:
+        return pinned
     return {"config_sha256": _config_hash(model), "embedding_samples": _embedding_samples(model)}
+
+
+def pin_fingerprint(model: PreTrainedModel) -> None:
+    """Record ``model``'s fingerprint now, while its weights are whole (before FSDP shards them)."""
+    setattr(model, _PINNED, base_fingerprint(model))
 
 
 def fingerprint_mismatch(model: PreTrainedModel, recorded: Any) -> str | None:

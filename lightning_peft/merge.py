@@ -17,6 +17,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 from typing_extensions import override
 
@@ -136,6 +137,15 @@ class MergeCallback(Callback):
         self.dirpath = Path(dirpath)
         self.dtype = dtype
         self.save_tokenizer = save_tokenizer
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and isinstance(trainer.strategy, FSDPStrategy):
+            raise ConfigError(
+                "MergeCallback cannot export under FSDP: each rank holds only a shard of the base. Save the adapter "
+                "(SaveAdapterCallback) and merge it in one process (lightning-peft merge, or load_adapter and "
+                "export_merged)."
+            )
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.aggregation import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
@@ -121,6 +122,13 @@ class CausalLMModule(_TransformerModule):
         for stage in ("val", "test"):
             setattr(self, f"{stage}_perplexity", Perplexity(ignore_index=IGNORE_INDEX))
             setattr(self, f"{stage}_token_accuracy", MeanMetric())  # share of response tokens predicted exactly
+
+    def setup(self, stage: str) -> None:
+        if isinstance(self.trainer.strategy, FSDPStrategy) and (self.generate_prompts or stage == "predict"):
+            raise ConfigError(
+                "Generating under FSDP is not supported: generate() runs outside FSDP's forward, on a sharded model. "
+                "Leave generate_prompts empty and answer prompts from the saved adapter (lightning-peft generate)."
+            )
 
     def configure_model(self) -> None:
         if self.model is not None:

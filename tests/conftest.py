@@ -38,6 +38,14 @@ CAUSAL = ["llama", "mistral", "qwen2", "gpt2"]
 ENCODERS = ["bert", "distilbert"]
 
 
+def launcher_free_env() -> dict[str, str]:
+    """This process's environment without what an in-process distributed test leaves behind: with LOCAL_RANK set, a
+    script launched from a test is taken by Lightning for a rank started by someone else, and waits forever for the
+    other rank."""
+    return {k: v for k, v in os.environ.items()
+            if k not in {"LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}}
+
+
 def make_config(family: str, **overrides):
     name, kwargs, _ = FAMILIES[family]
     return getattr(transformers, name)(vocab_size=VOCAB, pad_token_id=0, **{**kwargs, **overrides})

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import launcher_free_env
 from lightning_peft.checkpoint import read_checkpoint
 
 SCRIPT = Path(__file__).parent / "scripts" / "crash_fit.py"
@@ -39,7 +40,7 @@ def test_sigkill_during_checkpointing_then_resume(tmp_path):
     cmd = [sys.executable, str(SCRIPT), str(tmp_path), str(MAX_STEPS)]
     last_step = 0
     for _ in range(3):
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=launcher_free_env())
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
             steps = _complete_checkpoints(tmp_path, running=True) if (tmp_path / "last.ckpt").exists() else []
@@ -54,7 +55,7 @@ def test_sigkill_during_checkpointing_then_resume(tmp_path):
         assert steps and max(steps) >= last_step
         last_step = max(steps)
         assert not (tmp_path / "done.json").exists()
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=launcher_free_env())
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / "done.json").read_text())["global_step"] == MAX_STEPS
     assert max(_complete_checkpoints(tmp_path)) == MAX_STEPS

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import launcher_free_env
 from lightning_peft.checkpoint import read_checkpoint
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_fit.py"
@@ -17,7 +18,7 @@ SCRIPT = Path(__file__).parent / "scripts" / "ddp_fit.py"
 
 def _run(out: Path, steps: int, ckpt: Path | None = None) -> None:
     cmd = [sys.executable, str(SCRIPT), str(out), str(steps)] + ([str(ckpt)] if ckpt else [])
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=launcher_free_env())
     assert result.returncode == 0, result.stderr[-3000:]
 
 

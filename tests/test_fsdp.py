@@ -1,0 +1,216 @@
+"""FSDP: PeftFSDPStrategy shards the frozen base over two CPU processes (gloo) and keeps the adapter whole and
+identical on both, trained as one process would on the two ranks' batches together, for every method and on a 4-bit
+base stored in bfloat16; rank 0 writes full adapters (HF PEFT loads them) and adapter-only checkpoints that resume.
+What cannot work under FSDP (Lightning's FSDPStrategy under PeftCallback, a module sharded before, merging,
+generating, an 8-bit base) is refused before training, with the fix."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import lightning as L
+import peft
+import pytest
+import torch
+from lightning.pytorch.strategies import FSDPStrategy, StrategyRegistry
+from safetensors.torch import load_file
+from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.utils.data import DataLoader, TensorDataset
+
+from conftest import METHODS, QUANTIZABLE, batch, launcher_free_env, make_model
+from lightning_helpers import CausalLM, loader, trainer
+from lightning_peft import (
+    CausalLMModule,
+    ConfigError,
+    LoraConfig,
+    MergeCallback,
+    PeftCallback,
+    PeftFSDPStrategy,
+    PeftStrategy,
+    QuantizationConfig,
+    load_adapter,
+    save_adapter,
+)
+from lightning_peft.adapter_io import adapter_state_dict
+from lightning_peft.checkpoint import read_checkpoint
+from lightning_peft.quantization import quantize_model, skip_paths
+from tiny_assets import save_tiny_causal_lm
+
+SCRIPT = Path(__file__).parent / "scripts" / "fsdp_fit.py"
+NF4 = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype="bfloat16",
+           bnb_4bit_quant_storage="bfloat16")
+
+
+def _run(out: Path, steps: int, *args: str) -> None:
+    cmd = [sys.executable, str(SCRIPT), str(out), str(steps), *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=launcher_free_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+class _Seed(L.Callback):
+    def setup(self, trainer, pl_module, stage):
+        torch.manual_seed(1000)  # as rank 0 of the script, whose adapter the others receive
+
+
+def _one_process(run: Path, method: str, family: str, nf4: bool = False) -> tuple[CausalLM, dict[str, torch.Tensor]]:
+    """A single-process fit whose every batch is the two ranks' batches together: the module and its adapter."""
+    ranks = [load_file(run / f"batches{r}.safetensors")["batches"] for r in (0, 1)]
+    ids = torch.cat(ranks, dim=1).flatten(0, 1)
+    module = CausalLM(family=family, sizes=QUANTIZABLE if nf4 else None)
+    strategy = PeftStrategy(quantization=QuantizationConfig(**NF4), gradient_checkpointing=True) if nf4 else "auto"
+    trainer(callbacks=[_Seed(), PeftCallback(METHODS[method]["make"](family))], max_steps=len(ranks[0]),
+            strategy=strategy, precision="bf16-true" if nf4 else "32-true").fit(
+        module, DataLoader(TensorDataset(ids), batch_size=2 * ranks[0].shape[1]))
+    return module, adapter_state_dict(module)
+
+
+def _check_run(run: Path, method: str, family: str, nf4: bool = False, tolerance: float = 1e-5
+               ) -> dict[str, torch.Tensor]:
+    ranks = [load_file(run / f"rank{r}.safetensors") for r in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys()
+    for key in ranks[0]:
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+    module, expected = _one_process(run, method, family, nf4)
+    frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
+    held = [json.loads((run / f"held{r}.json").read_text()) for r in (0, 1)]
+    assert sum(held) == frozen and max(held) < 0.6 * frozen  # the base is split between the ranks
+    assert expected.keys() == ranks[0].keys()
+    for key in expected:
+        torch.testing.assert_close(ranks[0][key], expected[key], rtol=10 * tolerance, atol=tolerance)
+    per_rank = [json.loads((run / f"losses{r}.json").read_text()) for r in (0, 1)]
+    torch.testing.assert_close(torch.tensor(per_rank).mean(0), torch.tensor(module.losses), rtol=tolerance,
+                               atol=tolerance)
+    saved = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert saved.keys() == ranks[0].keys() and all(torch.equal(saved[k], ranks[0][k]) for k in saved)
+    return saved
+
+
+@pytest.mark.slow
+def test_lora_shards_the_base_keeps_the_adapter_whole_and_resumes(tmp_path):
+    _run(tmp_path / "a", 8)
+    run = tmp_path / "a" / "lora-llama"
+    saved = _check_run(run, "lora", "llama")
+    assert len(saved) == 8
+    ours = load_adapter(make_model("llama"), run / "adapter").eval()
+    theirs = peft.PeftModel.from_pretrained(make_model("llama"), run / "adapter").eval()
+    torch.testing.assert_close(ours(**batch()).logits, theirs(**batch()).logits, rtol=1e-5, atol=1e-6)
+
+    ckpts = sorted((run / "ckpt").iterdir())
+    assert [p.name for p in ckpts] == ["epoch=0-step=4.ckpt", "epoch=1-step=8.ckpt"]
+    checkpoint = read_checkpoint(ckpts[0])
+    assert len(checkpoint["state_dict"]) == 8 and all(".lora_" in k and "_fsdp" not in k
+                                                      for k in checkpoint["state_dict"])
+    assert checkpoint["optimizer_states"][0]["param_groups"][0]["params"] == list(range(8))  # one device's format
+
+    _run(tmp_path / "b", 8, "--ckpt", str(ckpts[0]), "--configure-model")  # end of epoch 0: same data order
+    resumed = load_file(tmp_path / "b" / "lora-llama" / "rank0.safetensors")
+    for key in resumed:
+        torch.testing.assert_close(resumed[key], saved[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_every_method_trains_under_fsdp(tmp_path):
+    runs = ["dora:llama", "ia3:llama", "adalora:llama", "prompt:llama", "prefix:llama", "bottleneck:qwen2"]
+    _run(tmp_path, 4, *runs)
+    for run in runs:
+        method, family = run.split(":")
+        _check_run(tmp_path / f"{method}-{family}", method, family)
+        load_adapter(make_model(family), tmp_path / f"{method}-{family}" / "adapter")
+
+
+@pytest.mark.slow
+def test_lora_on_a_4bit_base_stored_in_bfloat16_with_gradient_checkpointing(tmp_path):
+    _run(tmp_path, 4, "--nf4")
+    saved = _check_run(tmp_path / "lora-llama", "lora", "llama", nf4=True, tolerance=1e-2)  # bfloat16 sums
+    assert all(t.dtype == torch.bfloat16 for t in saved.values())
+    base = make_model("llama", **QUANTIZABLE)
+    quantize_model(base, QuantizationConfig(**NF4), "cpu", skip_paths(base, QuantizationConfig(**NF4)))
+    load_adapter(base, tmp_path / "lora-llama" / "adapter")
+
+
+def test_lightning_fsdp_strategy_is_refused_with_the_fix():
+    class Plain(FSDPStrategy):  # Lightning refuses FSDPStrategy itself on CPU before our callback would
+        pass
+
+    with pytest.raises(ConfigError, match="peft_fsdp"):
+        PeftCallback(LoraConfig(r=4, target_modules=["q_proj"])).setup(trainer(strategy=Plain()), CausalLM(), "fit")
+
+
+class WrapsItself(CausalLM):
+    def configure_model(self):
+        if self.model is None:
+            super().configure_model()
+            layers = self.model.model.layers
+            layers[0] = FullyShardedDataParallel(layers[0], device_id=torch.device("cpu"))
+
+
+@contextlib.contextmanager
+def _fits_in_this_process() -> Iterator[None]:
+    """Leave no process group and no launcher variables (LOCAL_RANK...) behind for the tests that follow."""
+    environ = dict(os.environ)
+    try:
+        yield
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environ)
+
+
+def test_a_module_sharded_before_is_refused():
+    lora = LoraConfig(r=4, target_modules=["q_proj"])
+    with _fits_in_this_process():
+        module = CausalLM()
+        trainer(strategy=PeftFSDPStrategy(), callbacks=[PeftCallback(lora)]).fit(module, loader(n=4))
+        with pytest.raises(ConfigError, match="sharded by FSDP before"):  # each rank holds only its shard
+            trainer(strategy=PeftFSDPStrategy(), callbacks=[PeftCallback(lora)]).fit(module, loader(n=4))
+        with pytest.raises(ConfigError, match="before the adapter went in"):
+            trainer(strategy=PeftFSDPStrategy(), callbacks=[PeftCallback(lora)]).fit(
+                WrapsItself(in_init=False), loader(n=4))
+
+
+def test_merging_and_generating_under_fsdp_are_refused_before_training(tmp_path):
+    fsdp = trainer(strategy=PeftFSDPStrategy())
+    with pytest.raises(ConfigError, match="MergeCallback cannot export under FSDP"):
+        MergeCallback(tmp_path / "merged").setup(fsdp, CausalLM(), "fit")
+    module = CausalLMModule(str(save_tiny_causal_lm(tmp_path / "tiny")), generate_prompts=["Hello"])
+    module.trainer = fsdp
+    with pytest.raises(ConfigError, match="Generating under FSDP"):
+        module.setup("fit")
+
+
+def test_short_names_and_quantization_checks():
+    assert {"peft_fsdp", "qlora_fsdp"} <= set(StrategyRegistry.available_strategies())
+    strategy = trainer(strategy="qlora_fsdp", devices=2).strategy
+    assert isinstance(strategy, PeftFSDPStrategy)
+    assert strategy.quantization.bnb_4bit_quant_storage == "bfloat16"
+    with pytest.raises(ConfigError, match="8-bit"):
+        PeftFSDPStrategy(quantization=QuantizationConfig(load_in_8bit=True))
+    with pytest.raises(ConfigError, match="state_dict_type"):
+        PeftFSDPStrategy(state_dict_type="sharded")
+    strategy = trainer(strategy=PeftFSDPStrategy(quantization=QuantizationConfig(**NF4))).strategy
+    with pytest.raises(ConfigError, match="precision='bf16-true'"):  # the trainer's precision is 32-true
+        strategy.prepare_model(CausalLM(sizes=QUANTIZABLE))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_qlora_fsdp_on_cuda(tmp_path):
+    module = CausalLM(sizes=QUANTIZABLE, optimizer=None)
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    with _fits_in_this_process():
+        trainer(accelerator="cuda", strategy="qlora_fsdp", precision="bf16-true",
+                callbacks=[PeftCallback(lora, learning_rate=1e-2)]).fit(module, loader(n=8))
+        weight = module.model.model.layers[0].self_attn.q_proj.base_layer.weight
+        assert type(weight).__name__ == "Params4bit" and weight.device.type == "cuda"
+        assert weight.dtype == torch.bfloat16 and module.losses[-1] < module.losses[0]
+        save_adapter(module, tmp_path)
+    base = make_model("llama", **QUANTIZABLE)
+    quantize_model(base, QuantizationConfig(**NF4), "cpu", skip_paths(base, QuantizationConfig(**NF4)))
+    load_adapter(base, tmp_path)
