@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 import torch
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import VOCAB, make_model
@@ -44,3 +47,17 @@ def trainer(**kwargs) -> L.Trainer:
     defaults = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
                     enable_checkpointing=False, max_steps=4)
     return L.Trainer(**{**defaults, **kwargs})
+
+
+class _SeedAsRankZero(L.Callback):
+    def setup(self, trainer, pl_module, stage):
+        torch.manual_seed(1000)  # as rank 0 of tests/scripts/*_fit.py, whose adapter the others receive
+
+
+def fit_on_both_ranks_batches(run: Path, module: L.LightningModule, callbacks: list, **kwargs) -> None:
+    """Fit ``module`` in one process on what the two ranks of a scripted run trained on (``run/batches<N>``),
+    every batch the ranks' batches of that step together: what the ranks should have trained, together."""
+    ranks = [load_file(run / f"batches{r}.safetensors")["batches"] for r in (0, 1)]
+    ids = torch.cat(ranks, dim=1).flatten(0, 1)
+    trainer(callbacks=[_SeedAsRankZero(), *callbacks], max_steps=len(ranks[0]), **kwargs).fit(
+        module, DataLoader(TensorDataset(ids), batch_size=2 * ranks[0].shape[1]))

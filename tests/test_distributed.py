@@ -1,7 +1,10 @@
-"""DDP on CPU: two processes over gloo keep identical adapters, write adapter-only checkpoints once, resume."""
+"""DDP on CPU: two processes over gloo keep identical adapters, trained as one process would on the two ranks' batches
+together, for every method and on a 4-bit base (PeftDDPStrategy); rank 0 writes full adapters and adapter-only
+checkpoints, which resume."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,36 +13,93 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import launcher_free_env
+from conftest import METHODS, QUANTIZABLE, launcher_free_env, make_model
+from lightning_helpers import CausalLM, fit_on_both_ranks_batches
+from lightning_peft import PeftCallback, PeftStrategy, QuantizationConfig, load_adapter
+from lightning_peft.adapter_io import adapter_state_dict
 from lightning_peft.checkpoint import read_checkpoint
+from lightning_peft.quantization import quantize_model, skip_paths
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_fit.py"
+NF4 = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+           bnb_4bit_compute_dtype="bfloat16")
 
 
-def _run(out: Path, steps: int, ckpt: Path | None = None) -> None:
-    cmd = [sys.executable, str(SCRIPT), str(out), str(steps)] + ([str(ckpt)] if ckpt else [])
+def _run(out: Path, steps: int, *args: str) -> None:
+    cmd = [sys.executable, str(SCRIPT), str(out), str(steps), *args]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=launcher_free_env())
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _check_run(run: Path, method: str, family: str, nf4: bool = False, tolerance: float = 1e-5
+               ) -> dict[str, torch.Tensor]:
+    """Both ranks hold the same adapter, the one a single process trains on their batches together, which rank 0
+    saved."""
+    ranks = [load_file(run / f"rank{r}.safetensors") for r in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys()
+    for key in ranks[0]:
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+    module = CausalLM(family=family, sizes=QUANTIZABLE if nf4 else None)
+    strategy = PeftStrategy(quantization=QuantizationConfig(**NF4)) if nf4 else "auto"
+    fit_on_both_ranks_batches(run, module, [PeftCallback(METHODS[method]["make"](family))], strategy=strategy)
+    expected = adapter_state_dict(module)
+    assert expected.keys() == ranks[0].keys()
+    for key in expected:
+        torch.testing.assert_close(ranks[0][key], expected[key], rtol=10 * tolerance, atol=tolerance)
+    per_rank = [json.loads((run / f"losses{r}.json").read_text()) for r in (0, 1)]
+    torch.testing.assert_close(torch.tensor(per_rank).mean(0), torch.tensor(module.losses), rtol=tolerance,
+                               atol=tolerance)
+    assert sorted(p.name for p in (run / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    saved = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert saved.keys() == ranks[0].keys() and all(torch.equal(saved[k], ranks[0][k]) for k in saved)
+    return saved
+
+
+def _adapter_only_checkpoints(run: Path, count: int) -> list[Path]:
+    ckpts = sorted((run / "ckpt").iterdir())
+    assert [p.name for p in ckpts] == ["epoch=0-step=4.ckpt", "epoch=1-step=8.ckpt"]
+    state = read_checkpoint(ckpts[0])["state_dict"]
+    assert len(state) == count and all(".lora_" in k and t.is_floating_point() for k, t in state.items())
+    return ckpts
 
 
 @pytest.mark.slow
 def test_ddp_trains_identical_adapters_and_resumes(tmp_path):
     _run(tmp_path / "a", 8)
-    ranks = [load_file(tmp_path / "a" / f"rank{r}.safetensors") for r in (0, 1)]
-    assert ranks[0].keys() == ranks[1].keys() and len(ranks[0]) == 8
-    for key in ranks[0]:
-        assert torch.equal(ranks[0][key], ranks[1][key]), key
-    assert sorted(p.name for p in (tmp_path / "a" / "adapter").iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors"]
-    saved = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
-    assert all(torch.equal(saved[k], ranks[0][k]) for k in saved)
+    run = tmp_path / "a" / "lora-llama"
+    saved = _check_run(run, "lora", "llama")
+    assert len(saved) == 8
+    load_adapter(make_model("llama"), run / "adapter")
+    ckpts = _adapter_only_checkpoints(run, 8)
 
-    ckpts = sorted((tmp_path / "a" / "ckpt").iterdir())
-    assert [p.name for p in ckpts] == ["epoch=0-step=4.ckpt", "epoch=1-step=8.ckpt"]
-    state = read_checkpoint(ckpts[0])["state_dict"]
-    assert len(state) == 8 and all(".lora_" in k for k in state)
-
-    _run(tmp_path / "b", 8, ckpt=ckpts[0])  # end of epoch 0: the data order is reproducible
-    resumed = load_file(tmp_path / "b" / "rank0.safetensors")
+    _run(tmp_path / "b", 8, "--ckpt", str(ckpts[0]))  # end of epoch 0: the data order is reproducible
+    resumed = load_file(tmp_path / "b" / "lora-llama" / "rank0.safetensors")
     for key in resumed:
-        torch.testing.assert_close(resumed[key], ranks[0][key], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(resumed[key], saved[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_every_method_trains_under_ddp(tmp_path):
+    runs = ["dora:llama", "ia3:llama", "adalora:llama", "prompt:llama", "prefix:llama", "bottleneck:qwen2"]
+    _run(tmp_path, 4, *runs)
+    for run in runs:
+        method, family = run.split(":")
+        _check_run(tmp_path / f"{method}-{family}", method, family)
+        load_adapter(make_model(family), tmp_path / f"{method}-{family}" / "adapter")
+
+
+@pytest.mark.slow
+def test_lora_on_a_4bit_base_under_peft_ddp_strategy_resumes(tmp_path):
+    _run(tmp_path, 8, "--nf4", "--resume")
+    run = tmp_path / "lora-llama"
+    assert [json.loads((run / f"linear4bit{r}.json").read_text()) for r in (0, 1)] == [14, 14]  # all but lm_head
+    saved = _check_run(run, "lora", "llama", nf4=True, tolerance=2e-3)  # bfloat16 compute
+    assert len(saved) == 8
+    _adapter_only_checkpoints(run, 8)
+    resumed = load_file(run / "resumed" / "rank0.safetensors")  # from epoch=0-step=4.ckpt, in the same processes
+    assert resumed.keys() == saved.keys()
+    for key in resumed:
+        torch.testing.assert_close(resumed[key], saved[key], rtol=1e-5, atol=1e-6)
+    base = make_model("llama", **QUANTIZABLE)
+    quantize_model(base, QuantizationConfig(**NF4), "cpu", skip_paths(base, QuantizationConfig(**NF4)))
+    load_adapter(base, run / "adapter")

@@ -14,17 +14,15 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import lightning as L
 import peft
 import pytest
 import torch
 from lightning.pytorch.strategies import FSDPStrategy, StrategyRegistry
 from safetensors.torch import load_file
 from torch.distributed.fsdp import FullyShardedDataParallel
-from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import METHODS, QUANTIZABLE, batch, launcher_free_env, make_model
-from lightning_helpers import CausalLM, loader, trainer
+from lightning_helpers import CausalLM, fit_on_both_ranks_batches, loader, trainer
 from lightning_peft import (
     CausalLMModule,
     ConfigError,
@@ -53,20 +51,12 @@ def _run(out: Path, steps: int, *args: str) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-class _Seed(L.Callback):
-    def setup(self, trainer, pl_module, stage):
-        torch.manual_seed(1000)  # as rank 0 of the script, whose adapter the others receive
-
-
 def _one_process(run: Path, method: str, family: str, nf4: bool = False) -> tuple[CausalLM, dict[str, torch.Tensor]]:
     """A single-process fit whose every batch is the two ranks' batches together: the module and its adapter."""
-    ranks = [load_file(run / f"batches{r}.safetensors")["batches"] for r in (0, 1)]
-    ids = torch.cat(ranks, dim=1).flatten(0, 1)
     module = CausalLM(family=family, sizes=QUANTIZABLE if nf4 else None)
     strategy = PeftStrategy(quantization=QuantizationConfig(**NF4), gradient_checkpointing=True) if nf4 else "auto"
-    trainer(callbacks=[_Seed(), PeftCallback(METHODS[method]["make"](family))], max_steps=len(ranks[0]),
-            strategy=strategy, precision="bf16-true" if nf4 else "32-true").fit(
-        module, DataLoader(TensorDataset(ids), batch_size=2 * ranks[0].shape[1]))
+    fit_on_both_ranks_batches(run, module, [PeftCallback(METHODS[method]["make"](family))], strategy=strategy,
+                              precision="bf16-true" if nf4 else "32-true")
     return module, adapter_state_dict(module)
 
 
