@@ -1,15 +1,23 @@
-"""A small LightningModule around a tiny transformers model, in both creation styles users write."""
+"""A small LightningModule around a tiny transformers model, in both creation styles users write, and what the
+two-process tests (DDP, FSDP) share."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import VOCAB, make_model
+from conftest import VOCAB, launcher_free_env, make_model
+from lightning_peft import save_adapter
+from lightning_peft.adapter_io import adapter_state_dict
+
+SEED = 1000  # rank N of a scripted two-process run seeds SEED + N before its adapter goes in
 
 
 class CausalLM(L.LightningModule):
@@ -49,15 +57,69 @@ def trainer(**kwargs) -> L.Trainer:
     return L.Trainer(**{**defaults, **kwargs})
 
 
+class RankRecorder(L.Callback):
+    """For tests/scripts/*_fit.py, on every rank: seeds the rank's own random state before the adapter goes in (so
+    an adapter not broadcast from rank 0 would differ), and at fit end writes into ``out`` its adapter
+    (rank<N>.safetensors), losses, batches, its number of 4-bit layers and of frozen elements it holds, then calls
+    save_adapter(out/adapter), which only rank 0 may carry out."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.batches: list[torch.Tensor] = []
+
+    def setup(self, trainer, pl_module, stage):
+        torch.manual_seed(SEED + trainer.global_rank)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches.append(batch[0])
+
+    def on_fit_end(self, trainer, pl_module):
+        rank = trainer.global_rank
+        save_file(adapter_state_dict(pl_module), self.out / f"rank{rank}.safetensors")
+        save_file({"batches": torch.stack(self.batches)}, self.out / f"batches{rank}.safetensors")
+        record = {"losses": pl_module.losses,
+                  "linear4bit": sum(type(m).__name__ == "Linear4bit" for m in pl_module.modules()),
+                  "held": sum(p.numel() for p in pl_module.parameters() if not p.requires_grad)}
+        (self.out / f"record{rank}.json").write_text(json.dumps(record))
+        save_adapter(pl_module, self.out / "adapter")
+
+
+def rank_records(run: Path) -> list[dict]:
+    return [json.loads((run / f"record{r}.json").read_text()) for r in (0, 1)]
+
+
+def run_script(script: Path, out: Path, steps: int, *args: str) -> None:
+    """Run a two-process training script of tests/scripts, outside whatever an in-process test left behind."""
+    cmd = [sys.executable, str(script), str(out), str(steps), *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=launcher_free_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 class _SeedAsRankZero(L.Callback):
     def setup(self, trainer, pl_module, stage):
-        torch.manual_seed(1000)  # as rank 0 of tests/scripts/*_fit.py, whose adapter the others receive
+        torch.manual_seed(SEED)  # as rank 0, whose adapter the others receive
 
 
-def fit_on_both_ranks_batches(run: Path, module: L.LightningModule, callbacks: list, **kwargs) -> None:
-    """Fit ``module`` in one process on what the two ranks of a scripted run trained on (``run/batches<N>``),
-    every batch the ranks' batches of that step together: what the ranks should have trained, together."""
-    ranks = [load_file(run / f"batches{r}.safetensors")["batches"] for r in (0, 1)]
-    ids = torch.cat(ranks, dim=1).flatten(0, 1)
-    trainer(callbacks=[_SeedAsRankZero(), *callbacks], max_steps=len(ranks[0]), **kwargs).fit(
-        module, DataLoader(TensorDataset(ids), batch_size=2 * ranks[0].shape[1]))
+def check_ranks_against_one_process(run: Path, module: L.LightningModule, callbacks: list, tolerance: float = 1e-5,
+                                    **fit_kwargs) -> dict[str, torch.Tensor]:
+    """Both ranks of a scripted run hold the same adapter, the one ``module`` trains in one process on the ranks'
+    batches of each step together, with the mean of their losses; rank 0 saved it. Returns the saved tensors."""
+    ranks = [load_file(run / f"rank{r}.safetensors") for r in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys()
+    for key in ranks[0]:
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+    batches = [load_file(run / f"batches{r}.safetensors")["batches"] for r in (0, 1)]
+    ids = torch.cat(batches, dim=1).flatten(0, 1)
+    trainer(callbacks=[_SeedAsRankZero(), *callbacks], max_steps=len(batches[0]), **fit_kwargs).fit(
+        module, DataLoader(TensorDataset(ids), batch_size=2 * batches[0].shape[1]))
+    expected = adapter_state_dict(module)
+    assert expected.keys() == ranks[0].keys()
+    for key in expected:
+        torch.testing.assert_close(ranks[0][key], expected[key], rtol=10 * tolerance, atol=tolerance)
+    per_rank = [record["losses"] for record in rank_records(run)]
+    torch.testing.assert_close(torch.tensor(per_rank).mean(0), torch.tensor(module.losses), rtol=tolerance,
+                               atol=tolerance)
+    assert sorted(p.name for p in (run / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    saved = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert saved.keys() == ranks[0].keys() and all(torch.equal(saved[k], ranks[0][k]) for k in saved)
+    return saved

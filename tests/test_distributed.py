@@ -4,19 +4,15 @@ checkpoints, which resume."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import METHODS, QUANTIZABLE, launcher_free_env, make_model
-from lightning_helpers import CausalLM, fit_on_both_ranks_batches
+from conftest import METHODS, QUANTIZABLE, make_model
+from lightning_helpers import CausalLM, check_ranks_against_one_process, rank_records, run_script
 from lightning_peft import PeftCallback, PeftStrategy, QuantizationConfig, load_adapter
-from lightning_peft.adapter_io import adapter_state_dict
 from lightning_peft.checkpoint import read_checkpoint
 from lightning_peft.quantization import quantize_model, skip_paths
 
@@ -25,34 +21,12 @@ NF4 = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_qua
            bnb_4bit_compute_dtype="bfloat16")
 
 
-def _run(out: Path, steps: int, *args: str) -> None:
-    cmd = [sys.executable, str(SCRIPT), str(out), str(steps), *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=launcher_free_env())
-    assert result.returncode == 0, result.stderr[-3000:]
-
-
 def _check_run(run: Path, method: str, family: str, nf4: bool = False, tolerance: float = 1e-5
                ) -> dict[str, torch.Tensor]:
-    """Both ranks hold the same adapter, the one a single process trains on their batches together, which rank 0
-    saved."""
-    ranks = [load_file(run / f"rank{r}.safetensors") for r in (0, 1)]
-    assert ranks[0].keys() == ranks[1].keys()
-    for key in ranks[0]:
-        assert torch.equal(ranks[0][key], ranks[1][key]), key
     module = CausalLM(family=family, sizes=QUANTIZABLE if nf4 else None)
     strategy = PeftStrategy(quantization=QuantizationConfig(**NF4)) if nf4 else "auto"
-    fit_on_both_ranks_batches(run, module, [PeftCallback(METHODS[method]["make"](family))], strategy=strategy)
-    expected = adapter_state_dict(module)
-    assert expected.keys() == ranks[0].keys()
-    for key in expected:
-        torch.testing.assert_close(ranks[0][key], expected[key], rtol=10 * tolerance, atol=tolerance)
-    per_rank = [json.loads((run / f"losses{r}.json").read_text()) for r in (0, 1)]
-    torch.testing.assert_close(torch.tensor(per_rank).mean(0), torch.tensor(module.losses), rtol=tolerance,
-                               atol=tolerance)
-    assert sorted(p.name for p in (run / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
-    saved = load_file(run / "adapter" / "adapter_model.safetensors")
-    assert saved.keys() == ranks[0].keys() and all(torch.equal(saved[k], ranks[0][k]) for k in saved)
-    return saved
+    return check_ranks_against_one_process(run, module, [PeftCallback(METHODS[method]["make"](family))], tolerance,
+                                           strategy=strategy)
 
 
 def _adapter_only_checkpoints(run: Path, count: int) -> list[Path]:
@@ -65,14 +39,14 @@ def _adapter_only_checkpoints(run: Path, count: int) -> list[Path]:
 
 @pytest.mark.slow
 def test_ddp_trains_identical_adapters_and_resumes(tmp_path):
-    _run(tmp_path / "a", 8)
+    run_script(SCRIPT, tmp_path / "a", 8)
     run = tmp_path / "a" / "lora-llama"
     saved = _check_run(run, "lora", "llama")
     assert len(saved) == 8
     load_adapter(make_model("llama"), run / "adapter")
     ckpts = _adapter_only_checkpoints(run, 8)
 
-    _run(tmp_path / "b", 8, "--ckpt", str(ckpts[0]))  # end of epoch 0: the data order is reproducible
+    run_script(SCRIPT, tmp_path / "b", 8, "--ckpt", str(ckpts[0]))  # end of epoch 0: the data order is reproducible
     resumed = load_file(tmp_path / "b" / "lora-llama" / "rank0.safetensors")
     for key in resumed:
         torch.testing.assert_close(resumed[key], saved[key], rtol=1e-5, atol=1e-6)
@@ -81,7 +55,7 @@ def test_ddp_trains_identical_adapters_and_resumes(tmp_path):
 @pytest.mark.slow
 def test_every_method_trains_under_ddp(tmp_path):
     runs = ["dora:llama", "ia3:llama", "adalora:llama", "prompt:llama", "prefix:llama", "bottleneck:qwen2"]
-    _run(tmp_path, 4, *runs)
+    run_script(SCRIPT, tmp_path, 4, *runs)
     for run in runs:
         method, family = run.split(":")
         _check_run(tmp_path / f"{method}-{family}", method, family)
@@ -90,9 +64,9 @@ def test_every_method_trains_under_ddp(tmp_path):
 
 @pytest.mark.slow
 def test_lora_on_a_4bit_base_under_peft_ddp_strategy_resumes(tmp_path):
-    _run(tmp_path, 8, "--nf4", "--resume")
+    run_script(SCRIPT, tmp_path, 8, "--nf4", "--resume")
     run = tmp_path / "lora-llama"
-    assert [json.loads((run / f"linear4bit{r}.json").read_text()) for r in (0, 1)] == [14, 14]  # all but lm_head
+    assert [record["linear4bit"] for record in rank_records(run)] == [14, 14]  # all but lm_head
     saved = _check_run(run, "lora", "llama", nf4=True, tolerance=2e-3)  # bfloat16 compute
     assert len(saved) == 8
     _adapter_only_checkpoints(run, 8)

@@ -7,10 +7,7 @@ generating, an 8-bit base) is refused before training, with the fix."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,8 +18,8 @@ from lightning.pytorch.strategies import FSDPStrategy, StrategyRegistry
 from safetensors.torch import load_file
 from torch.distributed.fsdp import FullyShardedDataParallel
 
-from conftest import METHODS, QUANTIZABLE, batch, launcher_free_env, make_model
-from lightning_helpers import CausalLM, fit_on_both_ranks_batches, loader, trainer
+from conftest import METHODS, QUANTIZABLE, batch, make_model
+from lightning_helpers import CausalLM, check_ranks_against_one_process, loader, rank_records, run_script, trainer
 from lightning_peft import (
     CausalLMModule,
     ConfigError,
@@ -35,7 +32,6 @@ from lightning_peft import (
     load_adapter,
     save_adapter,
 )
-from lightning_peft.adapter_io import adapter_state_dict
 from lightning_peft.checkpoint import read_checkpoint
 from lightning_peft.quantization import quantize_model, skip_paths
 from tiny_assets import save_tiny_causal_lm
@@ -45,45 +41,21 @@ NF4 = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=
            bnb_4bit_quant_storage="bfloat16")
 
 
-def _run(out: Path, steps: int, *args: str) -> None:
-    cmd = [sys.executable, str(SCRIPT), str(out), str(steps), *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=launcher_free_env())
-    assert result.returncode == 0, result.stderr[-3000:]
-
-
-def _one_process(run: Path, method: str, family: str, nf4: bool = False) -> tuple[CausalLM, dict[str, torch.Tensor]]:
-    """A single-process fit whose every batch is the two ranks' batches together: the module and its adapter."""
-    module = CausalLM(family=family, sizes=QUANTIZABLE if nf4 else None)
-    strategy = PeftStrategy(quantization=QuantizationConfig(**NF4), gradient_checkpointing=True) if nf4 else "auto"
-    fit_on_both_ranks_batches(run, module, [PeftCallback(METHODS[method]["make"](family))], strategy=strategy,
-                              precision="bf16-true" if nf4 else "32-true")
-    return module, adapter_state_dict(module)
-
-
 def _check_run(run: Path, method: str, family: str, nf4: bool = False, tolerance: float = 1e-5
                ) -> dict[str, torch.Tensor]:
-    ranks = [load_file(run / f"rank{r}.safetensors") for r in (0, 1)]
-    assert ranks[0].keys() == ranks[1].keys()
-    for key in ranks[0]:
-        assert torch.equal(ranks[0][key], ranks[1][key]), key
-    module, expected = _one_process(run, method, family, nf4)
+    module = CausalLM(family=family, sizes=QUANTIZABLE if nf4 else None)
+    strategy = PeftStrategy(quantization=QuantizationConfig(**NF4), gradient_checkpointing=True) if nf4 else "auto"
+    saved = check_ranks_against_one_process(run, module, [PeftCallback(METHODS[method]["make"](family))], tolerance,
+                                            strategy=strategy, precision="bf16-true" if nf4 else "32-true")
     frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
-    held = [json.loads((run / f"held{r}.json").read_text()) for r in (0, 1)]
+    held = [record["held"] for record in rank_records(run)]
     assert sum(held) == frozen and max(held) < 0.6 * frozen  # the base is split between the ranks
-    assert expected.keys() == ranks[0].keys()
-    for key in expected:
-        torch.testing.assert_close(ranks[0][key], expected[key], rtol=10 * tolerance, atol=tolerance)
-    per_rank = [json.loads((run / f"losses{r}.json").read_text()) for r in (0, 1)]
-    torch.testing.assert_close(torch.tensor(per_rank).mean(0), torch.tensor(module.losses), rtol=tolerance,
-                               atol=tolerance)
-    saved = load_file(run / "adapter" / "adapter_model.safetensors")
-    assert saved.keys() == ranks[0].keys() and all(torch.equal(saved[k], ranks[0][k]) for k in saved)
     return saved
 
 
 @pytest.mark.slow
 def test_lora_shards_the_base_keeps_the_adapter_whole_and_resumes(tmp_path):
-    _run(tmp_path / "a", 8)
+    run_script(SCRIPT, tmp_path / "a", 8)
     run = tmp_path / "a" / "lora-llama"
     saved = _check_run(run, "lora", "llama")
     assert len(saved) == 8
@@ -98,7 +70,7 @@ def test_lora_shards_the_base_keeps_the_adapter_whole_and_resumes(tmp_path):
                                                       for k in checkpoint["state_dict"])
     assert checkpoint["optimizer_states"][0]["param_groups"][0]["params"] == list(range(8))  # one device's format
 
-    _run(tmp_path / "b", 8, "--ckpt", str(ckpts[0]), "--configure-model")  # end of epoch 0: same data order
+    run_script(SCRIPT, tmp_path / "b", 8, "--ckpt", str(ckpts[0]), "--configure-model")  # epoch 0's end: same data
     resumed = load_file(tmp_path / "b" / "lora-llama" / "rank0.safetensors")
     for key in resumed:
         torch.testing.assert_close(resumed[key], saved[key], rtol=1e-5, atol=1e-6)
@@ -107,7 +79,7 @@ def test_lora_shards_the_base_keeps_the_adapter_whole_and_resumes(tmp_path):
 @pytest.mark.slow
 def test_every_method_trains_under_fsdp(tmp_path):
     runs = ["dora:llama", "ia3:llama", "adalora:llama", "prompt:llama", "prefix:llama", "bottleneck:qwen2"]
-    _run(tmp_path, 4, *runs)
+    run_script(SCRIPT, tmp_path, 4, *runs)
     for run in runs:
         method, family = run.split(":")
         _check_run(tmp_path / f"{method}-{family}", method, family)
@@ -116,7 +88,7 @@ def test_every_method_trains_under_fsdp(tmp_path):
 
 @pytest.mark.slow
 def test_lora_on_a_4bit_base_stored_in_bfloat16_with_gradient_checkpointing(tmp_path):
-    _run(tmp_path, 4, "--nf4")
+    run_script(SCRIPT, tmp_path, 4, "--nf4")
     saved = _check_run(tmp_path / "lora-llama", "lora", "llama", nf4=True, tolerance=1e-2)  # bfloat16 sums
     assert all(t.dtype == torch.bfloat16 for t in saved.values())
     base = make_model("llama", **QUANTIZABLE)

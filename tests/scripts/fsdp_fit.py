@@ -3,54 +3,27 @@
 usage: fsdp_fit.py OUT_DIR MAX_STEPS [--ckpt PATH] [--configure-model] [--nf4] [METHOD:FAMILY ...]
 
 Each METHOD:FAMILY (default lora:llama; methods as in conftest.METHODS) is fitted in turn, from a fresh module,
-into OUT_DIR/METHOD-FAMILY/, with a checkpoint every 4 steps under ckpt/. Each rank seeds its own random state
-before the adapter is injected (so an adapter not broadcast from rank 0 would differ between ranks) and writes:
-rank<N>.safetensors (its adapter), losses<N>.json, batches<N>.safetensors (the batches it trained on) and
-held<N>.json (how many frozen elements it holds); every rank calls save_adapter(.../adapter) (only rank 0 may
-write). --configure-model builds the model in configure_model instead of __init__; --nf4 quantizes the base to
-NF4 stored in bfloat16 (a 64-wide model), trains in bf16-true and checkpoints activations (the QLoRA recipe).
+into OUT_DIR/METHOD-FAMILY/, with a checkpoint every 4 steps under ckpt/; each rank records what
+lightning_helpers.RankRecorder writes. --configure-model builds the model in configure_model instead of
+__init__; --nf4 quantizes the base to NF4 stored in bfloat16 (a 64-wide model), trains in bf16-true and
+checkpoints activations (the QLoRA recipe).
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lightning as L  # noqa: E402
-import torch  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
 
 from conftest import METHODS, QUANTIZABLE  # noqa: E402
-from lightning_helpers import CausalLM, loader  # noqa: E402
-from lightning_peft import PeftCallback, PeftFSDPStrategy, QuantizationConfig, save_adapter  # noqa: E402
-from lightning_peft.adapter_io import adapter_state_dict  # noqa: E402
+from lightning_helpers import CausalLM, RankRecorder, loader  # noqa: E402
+from lightning_peft import PeftCallback, PeftFSDPStrategy, QuantizationConfig  # noqa: E402
 
 NF4 = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype="bfloat16",
            bnb_4bit_quant_storage="bfloat16")
-
-
-class Record(L.Callback):
-    def __init__(self, out: Path):
-        self.out = out
-        self.batches: list[torch.Tensor] = []
-
-    def setup(self, trainer, pl_module, stage):
-        torch.manual_seed(1000 + trainer.global_rank)
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.batches.append(batch[0])
-
-    def on_fit_end(self, trainer, pl_module):
-        rank = trainer.global_rank
-        save_file(adapter_state_dict(pl_module), self.out / f"rank{rank}.safetensors")
-        save_file({"batches": torch.stack(self.batches)}, self.out / f"batches{rank}.safetensors")
-        (self.out / f"losses{rank}.json").write_text(json.dumps(pl_module.losses))
-        held = sum(p.numel() for p in pl_module.parameters() if not p.requires_grad)
-        (self.out / f"held{rank}.json").write_text(json.dumps(held))
-        save_adapter(pl_module, self.out / "adapter")
 
 
 def main() -> None:
@@ -73,7 +46,7 @@ def main() -> None:
             accelerator="cpu", devices=2, strategy=strategy, precision="bf16-true" if args.nf4 else "32-true",
             max_steps=args.max_steps, logger=False,
             enable_progress_bar=False, enable_model_summary=False,
-            callbacks=[Record(out), PeftCallback(METHODS[method]["make"](family)),
+            callbacks=[RankRecorder(out), PeftCallback(METHODS[method]["make"](family)),
                        ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=4, save_top_k=-1)],
         )
         trainer.fit(module, loader(n=16, batch_size=2), ckpt_path=args.ckpt)
