@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import VOCAB, launcher_free_env, make_model
-from lightning_peft import save_adapter
+from lightning_peft import load_adapter, save_adapter
 from lightning_peft.adapter_io import adapter_state_dict
 
 SEED = 1000  # rank N of a scripted two-process run seeds SEED + N before its adapter goes in
@@ -58,8 +58,8 @@ def trainer(**kwargs) -> L.Trainer:
 
 
 class RankRecorder(L.Callback):
-    """For tests/scripts/*_fit.py, on every rank: seeds the rank's own random state before the adapter goes in (so
-    an adapter not broadcast from rank 0 would differ), and at fit end writes into ``out`` its adapter
+    """For tests/scripts/two_process_fit.py, on every rank: seeds the rank's own random state before the adapter
+    goes in (so an adapter not broadcast from rank 0 would differ), and at fit end writes into ``out`` its adapter
     (rank<N>.safetensors), losses, batches, its number of 4-bit layers and of frozen elements it holds, then calls
     save_adapter(out/adapter), which only rank 0 may carry out."""
 
@@ -88,9 +88,15 @@ def rank_records(run: Path) -> list[dict]:
     return [json.loads((run / f"record{r}.json").read_text()) for r in (0, 1)]
 
 
-def run_script(script: Path, out: Path, steps: int, *args: str) -> None:
-    """Run a two-process training script of tests/scripts, outside whatever an in-process test left behind."""
-    cmd = [sys.executable, str(script), str(out), str(steps), *args]
+TWO_PROCESS_FIT = Path(__file__).parent / "scripts" / "two_process_fit.py"
+# Every method but LoRA, each on a family it adapts, for one launch of TWO_PROCESS_FIT.
+OTHER_METHODS = ["dora:llama", "ia3:llama", "adalora:llama", "prompt:llama", "prefix:llama", "bottleneck:qwen2"]
+
+
+def run_two_processes(kind: str, out: Path, steps: int, *args: str) -> None:
+    """Run tests/scripts/two_process_fit.py under ``kind`` ("ddp" or "fsdp"), outside whatever an in-process test
+    left behind."""
+    cmd = [sys.executable, str(TWO_PROCESS_FIT), kind, str(out), str(steps), *args]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=launcher_free_env())
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -123,3 +129,13 @@ def check_ranks_against_one_process(run: Path, module: L.LightningModule, callba
     saved = load_file(run / "adapter" / "adapter_model.safetensors")
     assert saved.keys() == ranks[0].keys() and all(torch.equal(saved[k], ranks[0][k]) for k in saved)
     return saved
+
+
+def check_every_other_method(kind: str, out: Path, check_run) -> None:
+    """Fit every method of ``OTHER_METHODS`` in one two-process launch under ``kind``; ``check_run(run, method,
+    family)`` checks each, and the adapter rank 0 saved must load."""
+    run_two_processes(kind, out, 4, *OTHER_METHODS)
+    for run in OTHER_METHODS:
+        method, family = run.split(":")
+        check_run(out / f"{method}-{family}", method, family)
+        load_adapter(make_model(family), out / f"{method}-{family}" / "adapter")

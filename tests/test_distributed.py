@@ -11,12 +11,17 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import METHODS, QUANTIZABLE, make_model
-from lightning_helpers import CausalLM, check_ranks_against_one_process, rank_records, run_script
+from lightning_helpers import (
+    CausalLM,
+    check_every_other_method,
+    check_ranks_against_one_process,
+    rank_records,
+    run_two_processes,
+)
 from lightning_peft import PeftCallback, PeftStrategy, QuantizationConfig, load_adapter
 from lightning_peft.checkpoint import read_checkpoint
 from lightning_peft.quantization import quantize_model, skip_paths
 
-SCRIPT = Path(__file__).parent / "scripts" / "ddp_fit.py"
 NF4 = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
            bnb_4bit_compute_dtype="bfloat16")
 
@@ -39,14 +44,14 @@ def _adapter_only_checkpoints(run: Path, count: int) -> list[Path]:
 
 @pytest.mark.slow
 def test_ddp_trains_identical_adapters_and_resumes(tmp_path):
-    run_script(SCRIPT, tmp_path / "a", 8)
+    run_two_processes("ddp", tmp_path / "a", 8)
     run = tmp_path / "a" / "lora-llama"
     saved = _check_run(run, "lora", "llama")
     assert len(saved) == 8
     load_adapter(make_model("llama"), run / "adapter")
     ckpts = _adapter_only_checkpoints(run, 8)
 
-    run_script(SCRIPT, tmp_path / "b", 8, "--ckpt", str(ckpts[0]))  # end of epoch 0: the data order is reproducible
+    run_two_processes("ddp", tmp_path / "b", 8, "--ckpt", str(ckpts[0]))  # end of epoch 0: same data order
     resumed = load_file(tmp_path / "b" / "lora-llama" / "rank0.safetensors")
     for key in resumed:
         torch.testing.assert_close(resumed[key], saved[key], rtol=1e-5, atol=1e-6)
@@ -54,17 +59,12 @@ def test_ddp_trains_identical_adapters_and_resumes(tmp_path):
 
 @pytest.mark.slow
 def test_every_method_trains_under_ddp(tmp_path):
-    runs = ["dora:llama", "ia3:llama", "adalora:llama", "prompt:llama", "prefix:llama", "bottleneck:qwen2"]
-    run_script(SCRIPT, tmp_path, 4, *runs)
-    for run in runs:
-        method, family = run.split(":")
-        _check_run(tmp_path / f"{method}-{family}", method, family)
-        load_adapter(make_model(family), tmp_path / f"{method}-{family}" / "adapter")
+    check_every_other_method("ddp", tmp_path, _check_run)
 
 
 @pytest.mark.slow
 def test_lora_on_a_4bit_base_under_peft_ddp_strategy_resumes(tmp_path):
-    run_script(SCRIPT, tmp_path, 8, "--nf4", "--resume")
+    run_two_processes("ddp", tmp_path, 8, "--nf4", "--resume")
     run = tmp_path / "lora-llama"
     assert [record["linear4bit"] for record in rank_records(run)] == [14, 14]  # all but lm_head
     saved = _check_run(run, "lora", "llama", nf4=True, tolerance=2e-3)  # bfloat16 compute

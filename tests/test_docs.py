@@ -12,7 +12,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("script", ["scripts/gen_docs.py", "docs/gen_methods_table.py", "scripts/convert_chatterbot.py"])
+GENERATORS = ["scripts/gen_docs.py", "docs/gen_methods_table.py", "scripts/convert_chatterbot.py"]
+
+
+@pytest.mark.parametrize("script", GENERATORS)
 def test_generated_file_is_up_to_date(script):
     result = subprocess.run([sys.executable, script, "--check"], cwd=ROOT, capture_output=True, text=True,
                             timeout=300)

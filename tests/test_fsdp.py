@@ -19,7 +19,15 @@ from safetensors.torch import load_file
 from torch.distributed.fsdp import FullyShardedDataParallel
 
 from conftest import METHODS, QUANTIZABLE, batch, make_model
-from lightning_helpers import CausalLM, check_ranks_against_one_process, loader, rank_records, run_script, trainer
+from lightning_helpers import (
+    CausalLM,
+    check_every_other_method,
+    check_ranks_against_one_process,
+    loader,
+    rank_records,
+    run_two_processes,
+    trainer,
+)
 from lightning_peft import (
     CausalLMModule,
     ConfigError,
@@ -36,7 +44,6 @@ from lightning_peft.checkpoint import read_checkpoint
 from lightning_peft.quantization import quantize_model, skip_paths
 from tiny_assets import save_tiny_causal_lm
 
-SCRIPT = Path(__file__).parent / "scripts" / "fsdp_fit.py"
 NF4 = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype="bfloat16",
            bnb_4bit_quant_storage="bfloat16")
 
@@ -55,7 +62,7 @@ def _check_run(run: Path, method: str, family: str, nf4: bool = False, tolerance
 
 @pytest.mark.slow
 def test_lora_shards_the_base_keeps_the_adapter_whole_and_resumes(tmp_path):
-    run_script(SCRIPT, tmp_path / "a", 8)
+    run_two_processes("fsdp", tmp_path / "a", 8)
     run = tmp_path / "a" / "lora-llama"
     saved = _check_run(run, "lora", "llama")
     assert len(saved) == 8
@@ -70,7 +77,8 @@ def test_lora_shards_the_base_keeps_the_adapter_whole_and_resumes(tmp_path):
                                                       for k in checkpoint["state_dict"])
     assert checkpoint["optimizer_states"][0]["param_groups"][0]["params"] == list(range(8))  # one device's format
 
-    run_script(SCRIPT, tmp_path / "b", 8, "--ckpt", str(ckpts[0]), "--configure-model")  # epoch 0's end: same data
+    # End of epoch 0 (same data order), the model built in configure_model this time.
+    run_two_processes("fsdp", tmp_path / "b", 8, "--ckpt", str(ckpts[0]), "--configure-model")
     resumed = load_file(tmp_path / "b" / "lora-llama" / "rank0.safetensors")
     for key in resumed:
         torch.testing.assert_close(resumed[key], saved[key], rtol=1e-5, atol=1e-6)
@@ -78,17 +86,12 @@ def test_lora_shards_the_base_keeps_the_adapter_whole_and_resumes(tmp_path):
 
 @pytest.mark.slow
 def test_every_method_trains_under_fsdp(tmp_path):
-    runs = ["dora:llama", "ia3:llama", "adalora:llama", "prompt:llama", "prefix:llama", "bottleneck:qwen2"]
-    run_script(SCRIPT, tmp_path, 4, *runs)
-    for run in runs:
-        method, family = run.split(":")
-        _check_run(tmp_path / f"{method}-{family}", method, family)
-        load_adapter(make_model(family), tmp_path / f"{method}-{family}" / "adapter")
+    check_every_other_method("fsdp", tmp_path, _check_run)
 
 
 @pytest.mark.slow
 def test_lora_on_a_4bit_base_stored_in_bfloat16_with_gradient_checkpointing(tmp_path):
-    run_script(SCRIPT, tmp_path, 4, "--nf4")
+    run_two_processes("fsdp", tmp_path, 4, "--nf4")
     saved = _check_run(tmp_path / "lora-llama", "lora", "llama", nf4=True, tolerance=1e-2)  # bfloat16 sums
     assert all(t.dtype == torch.bfloat16 for t in saved.values())
     base = make_model("llama", **QUANTIZABLE)

@@ -29,7 +29,7 @@ from lightning_peft import (
     save_adapter,
 )
 from lightning_peft.methods.base import AdapterConfig
-from lightning_peft.surgery import attach
+from lightning_peft.surgery import attach, detach
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 CONFIG_CLASSES = [LoraConfig, AdaLoraConfig, IA3Config, PromptTuningConfig, PrefixTuningConfig,
@@ -63,10 +63,7 @@ def try_load(model, path) -> None:
             load_adapter(model, path)
         except PeftError:
             return
-    # A load that succeeded put an adapter on the model; take it off for the next example.
-    from lightning_peft.surgery import detach
-
-    detach(model)
+    detach(model)  # a load that succeeded put an adapter on the model; take it off for the next example
 
 
 def copy_adapter(source: Path, tmp_path: Path) -> Path:
