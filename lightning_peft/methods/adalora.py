@@ -33,6 +33,7 @@ from lightning_peft.errors import ConfigError, MergeError
 from lightning_peft.methods.base import (
     AdapterConfig,
     AdapterLayer,
+    adapter_dtype,
     TrainingHooks,
     check_module_patterns,
     output_head_paths,
@@ -178,8 +179,7 @@ class AdaLoraLayer(AdapterLayer):
         else:
             self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         weight = base_layer.weight
-        dtype = weight.dtype if weight.is_floating_point() else torch.float32
-        factory = dict(dtype=dtype, device=weight.device)
+        factory = dict(dtype=adapter_dtype(config, weight), device=weight.device)
         self.scaling = config.lora_alpha / (config.init_r + _EPS)
         self.lora_A = nn.Parameter(torch.randn(r, self.in_features, **factory) * 0.02)
         self.lora_E = nn.Parameter(torch.randn(r, 1, **factory) if config.init_lora_weights is False
@@ -193,7 +193,7 @@ class AdaLoraLayer(AdapterLayer):
         if self.merged:
             return result
         h = x if self.lora_dropout is None else self.lora_dropout(x)
-        dtype = compute_dtype(self.base_layer) or self.lora_A.dtype
+        dtype = compute_dtype(self.base_layer) or x.dtype
         down = F.linear(h.to(dtype), (self.lora_A * self.lora_E).to(dtype))  # (..., r)
         return result + (F.linear(down, self.lora_B.to(dtype)) * self.scaling).to(result.dtype)
 

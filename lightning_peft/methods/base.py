@@ -53,6 +53,11 @@ class AdapterConfig(ABC):
     """Recorded in ``adapter_config.json`` so the adapter says which base it belongs to."""
     modules_to_save: list[str] | None = None
     """Modules trained in full and saved with the adapter (e.g. a classification head), by name or suffix."""
+    autocast_adapter_dtype: bool = dataclasses.field(default=True, kw_only=True)
+    """Adapter parameters in float32 whatever the base's dtype, as HF PEFT does: on a bfloat16 base, AdamW updates
+    smaller than bfloat16's resolution (1/128 of a weight's magnitude) would be rounded away. Compute still runs
+    in the activations' dtype. ``False`` keeps the base's dtype. A training choice: not written to
+    ``adapter_config.json``."""
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -102,6 +107,8 @@ class AdapterConfig(ABC):
         """The ``adapter_config.json`` content: our fields plus ``peft_type``, JSON-ready."""
         out: dict[str, Any] = {"peft_type": self.peft_type}
         for field in dataclasses.fields(self):
+            if field.name == "autocast_adapter_dtype":
+                continue
             value = getattr(self, field.name)
             out[field.name] = sorted(value) if isinstance(value, (set, tuple)) else value
         return out
@@ -166,6 +173,14 @@ def _matches(value: Any, hint: Any) -> bool:
     if hint in (int, float):
         return isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
     return isinstance(value, hint)
+
+
+def adapter_dtype(config: AdapterConfig, base_weight: torch.Tensor) -> torch.dtype:
+    """The dtype of the adapter parameters built around a base weight (float32 unless the config keeps the
+    base's dtype; a quantized weight has none to keep)."""
+    if config.autocast_adapter_dtype or not base_weight.is_floating_point():
+        return torch.float32
+    return base_weight.dtype
 
 
 def match_module_name(name: str, patterns: str | list[str] | None) -> bool:

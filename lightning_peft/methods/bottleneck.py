@@ -21,11 +21,12 @@ import dataclasses
 from typing import ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lightning_peft.errors import ConfigError, MergeError
-from lightning_peft.methods.base import AdapterConfig, AdapterLayer, check_module_patterns, select_targets
+from lightning_peft.methods.base import AdapterConfig, AdapterLayer, adapter_dtype, check_module_patterns, select_targets
 from lightning_peft.quantization import compute_dtype
 
 # The output projection of each sublayer, per family (names or a full-match regex): the adapter follows it.
@@ -114,7 +115,7 @@ class BottleneckLayer(AdapterLayer):
         weight = base_layer.weight
         hidden = weight.shape[1] if isinstance(base_layer, Conv1D) else base_layer.out_features
         width = max(1, hidden // config.reduction_factor)
-        factory = {"dtype": weight.dtype if weight.is_floating_point() else torch.float32, "device": weight.device}
+        factory = {"dtype": adapter_dtype(config, weight), "device": weight.device}
         self.adapter_down = nn.Linear(hidden, width, **factory)
         self.activation = _ACTIVATIONS[config.non_linearity]()
         self.adapter_up = nn.Linear(width, hidden, **factory)
@@ -133,9 +134,10 @@ class BottleneckLayer(AdapterLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.base_layer(x)
-        dtype = compute_dtype(self.base_layer) or self.adapter_down.weight.dtype
-        update = self.adapter_up(self.activation(self.adapter_down(h.to(dtype))))
-        return h + update.to(h.dtype)
+        dtype = compute_dtype(self.base_layer) or h.dtype  # float32 parameters, compute in the activations' dtype
+        down, up = self.adapter_down, self.adapter_up
+        hidden = self.activation(F.linear(h.to(dtype), down.weight.to(dtype), down.bias.to(dtype)))
+        return h + F.linear(hidden, up.weight.to(dtype), up.bias.to(dtype)).to(h.dtype)
 
     def unload(self) -> nn.Module:
         return self.base_layer

@@ -51,7 +51,7 @@ class DoraLayer(LoraLayer):
         result = self.base_layer(x)
         if self.merged:
             return result
-        dtype = compute_dtype(self.base_layer) or self.lora_A.dtype
+        dtype = compute_dtype(self.base_layer) or x.dtype
         weight = self.dense_weight().to(dtype)  # (out, in); a 4-bit weight dequantized
         lora_A, lora_B = self.lora_A.to(dtype), self.lora_B.to(dtype)
         with torch.no_grad():

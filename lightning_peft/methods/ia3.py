@@ -24,6 +24,7 @@ from lightning_peft.errors import ConfigError, MergeError
 from lightning_peft.methods.base import (
     AdapterConfig,
     AdapterLayer,
+    adapter_dtype,
     check_module_patterns,
     match_module_name,
     output_head_paths,
@@ -131,9 +132,8 @@ class IA3Layer(AdapterLayer):
         else:
             self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         weight = base_layer.weight
-        dtype = weight.dtype if weight.is_floating_point() else torch.float32
         shape = (1, self.in_features) if is_feedforward else (self.out_features, 1)
-        self.ia3_l = nn.Parameter(torch.ones(shape, dtype=dtype, device=weight.device))
+        self.ia3_l = nn.Parameter(torch.ones(shape, dtype=adapter_dtype(config, weight), device=weight.device))
         if config.init_ia3_weights is False and weight.device.type != "meta":
             with torch.no_grad():
                 self.ia3_l.add_(torch.randn_like(self.ia3_l) * 0.3)

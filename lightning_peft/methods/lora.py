@@ -27,6 +27,7 @@ from lightning_peft.errors import ConfigError, MergeError
 from lightning_peft.methods.base import (
     AdapterConfig,
     AdapterLayer,
+    adapter_dtype,
     check_module_patterns,
     output_head_paths,
     select_targets,
@@ -168,7 +169,7 @@ class LoraLayer(AdapterLayer):
         else:
             self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         weight = base_layer.weight
-        dtype = weight.dtype if weight.is_floating_point() else torch.float32
+        dtype = adapter_dtype(config, weight)
         self.r = config.r
         self.scaling = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
         self.lora_A = nn.Parameter(torch.empty(config.r, self.in_features, dtype=dtype, device=weight.device))
@@ -195,7 +196,7 @@ class LoraLayer(AdapterLayer):
         if self.merged:
             return result
         h = x if self.lora_dropout is None else self.lora_dropout(x)
-        dtype = compute_dtype(self.base_layer) or self.lora_A.dtype  # a 4-bit base sets the LoRA path's dtype too
+        dtype = compute_dtype(self.base_layer) or x.dtype  # float32 parameters, compute in the activations' dtype
         down = F.linear(h.to(dtype), self.lora_A.to(dtype))  # (..., r): the cheap side of the product
         if result.dtype != down.dtype:
             return result + F.linear(down * self.scaling, self.lora_B.to(dtype)).to(result.dtype)
