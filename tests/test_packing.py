@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import transformers
 import torch
 
 from conftest import METHODS, VOCAB, make_model
@@ -13,7 +14,7 @@ from lightning_helpers import trainer
 from lightning_peft import CausalLMModule, ChatDataModule, ConfigError, LoraConfig, PeftCallback, PromptTuningConfig
 from lightning_peft.data import IGNORE_INDEX, PACKING_FAMILIES, LengthGroupedSampler, check_packing, pack, pad_batch
 from lightning_peft.surgery import attach
-from tiny_assets import save_tiny_causal_lm
+from tiny_assets import save_tiny_causal_lm, tiny_tokenizer
 
 
 def examples(lengths=(5, 9, 3, 7, 6), seed=0) -> list[dict[str, list[int]]]:
@@ -108,8 +109,6 @@ def test_packing_is_refused_where_examples_would_see_each_other():
 
 
 def make_opt():
-    import transformers
-
     torch.manual_seed(0)
     config = transformers.OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=1,
                                     num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=64,
@@ -158,8 +157,6 @@ def test_length_grouped_order_splits_across_ranks_with_grouped_batches():
 
 
 def test_chat_datamodule_groups_training_batches_by_length(tmp_path):
-    from tiny_assets import tiny_tokenizer
-
     path = tmp_path / "chat.jsonl"
     words = ["a", "lot", "good", "movies"]
     path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "Hello"},
@@ -213,3 +210,21 @@ def test_lightning_keeps_the_length_grouped_sampler_under_ddp(tmp_path):
 
 def test_the_data_module_names_the_families_packing_supports():
     assert all(family in ChatDataModule.__doc__ for family in PACKING_FAMILIES)
+
+
+def test_a_training_step_on_packed_rows_loses_what_the_examples_lose_one_at_a_time(tmp_path):
+    """Through Trainer.fit: whatever the training step hands the model must keep packed examples apart."""
+    model_dir, path = save_tiny_causal_lm(tmp_path / "llama"), chat_file(tmp_path)
+    module = CausalLMModule(str(model_dir))
+    packed = ChatDataModule(path, val_fraction=0.0, packing=True, max_length=128, batch_size=8)
+    fit = trainer(callbacks=[PeftCallback(LoraConfig(r=2, target_modules=["q_proj"]))], max_steps=1,
+                  limit_val_batches=0)
+    fit.fit(module, packed)
+    assert 1 < len(packed.train) <= 8  # several rows, all in the one batch trained on
+    plain = ChatDataModule(path, val_fraction=0.0)
+    plain.tokenizer = module.tokenizer
+    plain.setup("fit")
+    base = transformers.AutoModelForCausalLM.from_pretrained(model_dir)  # LoRA starts as the identity (B = 0)
+    with torch.no_grad():
+        expected = one_at_a_time(base, plain.train)
+    torch.testing.assert_close(fit.callback_metrics["train_loss"], expected, rtol=1e-5, atol=1e-5)
