@@ -209,7 +209,7 @@ def pad_batch(examples: list[dict[str, list[int]]], pad_token_id: int,
 # Model families whose transformers code builds its attention masks from packed position_ids (tested for each in
 # tests/test_packing.py). Others, e.g. OPT, Falcon or BLOOM, leave position_ids out of their masks and would let
 # packed examples see each other.
-PACKING_FAMILIES = ("gpt2", "llama", "mistral", "qwen2")
+PACKING_FAMILIES = ("gemma", "gemma3_text", "gpt2", "llama", "mistral", "phi3", "qwen2", "qwen3", "smollm3")
 
 
 def check_packing(model: Any) -> None:
@@ -298,9 +298,9 @@ class ChatDataModule(_TokenizerDataModule):
         val_fraction: share of distinct prompts held out for validation when there is no ``val_file``.
         max_length: examples are truncated to this many tokens.
         packing: concatenate short training examples into rows of up to ``max_length`` tokens. Each example keeps
-            its positions (from 0) and attends only to itself, as at inference. For the gpt2, llama, mistral and
-            qwen2 families with sdpa, eager, flex or flash attention; refused for others and with prompt or prefix
-            tuning.
+            its positions (from 0) and attends only to itself, as at inference. For the gemma, gemma3_text, gpt2,
+            llama, mistral, phi3, qwen2, qwen3 and smollm3 families with sdpa, eager, flex or flash attention;
+            refused for others and with prompt or prefix tuning.
         group_by_length: batch training examples of similar length together (mega-batches of 50 batches sorted
             by length, batch order shuffled every epoch from the run's seed), so padding each batch to its longest
             costs little. Works under DDP and FSDP.
