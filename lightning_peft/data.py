@@ -9,6 +9,11 @@ Chat records, one JSON object per line, in any of three shapes::
     {"instruction": "...", "input": "...", "output": "..."}                          # Alpaca
     {"conversations": [{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}]}  # ShareGPT
     {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}  # chat
+
+Training batches are padded to their longest example, optionally in length-grouped order (``group_by_length``), or
+packed (``packing``): rows of several examples that each attend only to themselves, which transformers arranges from
+``position_ids`` that restart per example. ``ChatDataModule.train_dataloader`` runs once the model is built, so
+packing is checked against that model and refused where transformers would let packed examples see each other.
 """
 
 from __future__ import annotations
@@ -19,16 +24,22 @@ import gzip
 import hashlib
 import io
 import json
+import math
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from transformers import PreTrainedModel
+from transformers.utils.generic import is_flash_attention_requested
 
 from lightning_peft.errors import ConfigError
+from lightning_peft.methods.prefix import PrefixEncoder
+from lightning_peft.methods.prompt import PromptEncoder
 from lightning_peft.resources import resolve_path
 
 IGNORE_INDEX = -100
@@ -148,33 +159,108 @@ def held_out(key: str, fraction: float) -> bool:
 
 
 def pack(examples: list[dict[str, list[int]]], max_length: int) -> list[dict[str, list[int]]]:
-    """Concatenate consecutive examples into rows of at most ``max_length`` tokens (fewer pad tokens per batch).
+    """Concatenate consecutive examples into rows of at most ``max_length`` tokens, each example kept apart.
 
-    Attention spans the examples sharing a row, as in the simple packing most trainers offer; labels still cover
-    only the responses.
+    Each row carries ``position_ids`` that restart at 0 with every example. Given those and no ``attention_mask``,
+    transformers' mask builders (``masking_utils.find_packed_sequence_indices``) make attention block-diagonal
+    causal for sdpa, eager and flex attention, and flash attention runs varlen: an example attends only to itself, at
+    the positions it has when alone, as at inference. The loss predicts ``labels[i + 1]`` from token ``i``, so each
+    example's first label is ignored: it would be the target of the previous example's last token.
     """
     rows: list[dict[str, list[int]]] = []
     for example in examples:
-        if rows and len(rows[-1]["input_ids"]) + len(example["input_ids"]) <= max_length:
-            rows[-1]["input_ids"] += example["input_ids"]
-            rows[-1]["labels"] += example["labels"]
-        else:
-            rows.append({"input_ids": list(example["input_ids"]), "labels": list(example["labels"])})
+        n = len(example["input_ids"])
+        if not rows or len(rows[-1]["input_ids"]) + n > max_length:
+            rows.append({"input_ids": [], "labels": [], "position_ids": []})
+        rows[-1]["input_ids"] += example["input_ids"]
+        rows[-1]["labels"] += [IGNORE_INDEX] + example["labels"][1:]
+        rows[-1]["position_ids"] += range(n)
     return rows
 
 
-def pad_batch(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Dynamic padding: pad to the longest example of the batch, on the right."""
+def pad_batch(examples: list[dict[str, list[int]]], pad_token_id: int,
+              flatten: bool = False) -> dict[str, torch.Tensor]:
+    """Dynamic padding: pad to the longest example (or packed row) of the batch, on the right.
+
+    Packed rows (they have ``position_ids``) get no ``attention_mask``: one would turn transformers' packed-sequence
+    masks off. Their padding is one more sequence (positions from 0, labels ignored) that no example attends to.
+    ``flatten`` puts packed rows end to end in a single row instead, unpadded: flash attention finds packed
+    sequences from ``position_ids`` only in a batch of one row.
+    """
+    packed = "position_ids" in examples[0]
+    if packed and flatten:
+        return {key: torch.tensor([[v for e in examples for v in e[key]]])
+                for key in ("input_ids", "labels", "position_ids")}
     length = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), length), dtype=torch.long)
+    batch = {"input_ids": torch.full((len(examples), length), pad_token_id, dtype=torch.long),
+             "labels": torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long),
+             "position_ids" if packed else "attention_mask": torch.zeros((len(examples), length), dtype=torch.long)}
     for row, example in enumerate(examples):
         n = len(example["input_ids"])
-        ids[row, :n] = torch.tensor(example["input_ids"])
-        labels[row, :n] = torch.tensor(example["labels"])
-        mask[row, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        batch["input_ids"][row, :n] = torch.tensor(example["input_ids"])
+        batch["labels"][row, :n] = torch.tensor(example["labels"])
+        if packed:
+            batch["position_ids"][row] = torch.tensor(example["position_ids"] + list(range(length - n)))
+        else:
+            batch["attention_mask"][row, :n] = 1
+    return batch
+
+
+# Model families whose transformers code builds its attention masks from packed position_ids (tested for each in
+# tests/test_packing.py). Others, e.g. OPT, Falcon or BLOOM, leave position_ids out of their masks and would let
+# packed examples see each other.
+PACKING_FAMILIES = ("gemma", "gemma3_text", "gpt2", "llama", "mistral", "phi3", "qwen2", "qwen3", "smollm3")
+
+
+def check_packing(model: Any) -> None:
+    """Refuse packing where transformers would not keep packed examples apart in ``model``: a family whose masks
+    ignore ``position_ids``, an attention implementation without packed-sequence support, or prompt or prefix tuning
+    (the first drops ``position_ids``, the second adds a cache, and either turns the packed masks off)."""
+    fix = "Set packing: false (group_by_length: true also cuts padding)."
+    family = model.config.model_type
+    if family not in PACKING_FAMILIES:
+        raise ConfigError(f"Packing keeps examples apart only in model families whose transformers code builds "
+                          f"per-example masks from position_ids ({', '.join(PACKING_FAMILIES)}), not {family!r}. {fix}")
+    attention = model.config._attn_implementation
+    if attention not in ("sdpa", "eager", "flex_attention") and not is_flash_attention_requested(model.config):
+        raise ConfigError(f"Packing needs sdpa, eager, flex or flash attention to keep examples apart, not "
+                          f"{attention!r}. Load the model with one of those, or: {fix}")
+    tuned = next((type(m).__name__ for m in model.modules() if isinstance(m, (PromptEncoder, PrefixEncoder))), None)
+    if tuned is not None:
+        raise ConfigError(f"Packing cannot keep examples apart with a {tuned} (prompt or prefix tuning): it changes "
+                          f"the positions or adds a cache, and transformers then masks packed rows as one sequence. "
+                          f"{fix}")
+
+
+class LengthGroupedSampler(DistributedSampler):
+    """A training order whose batches hold examples of similar length, so padding each to its longest costs little.
+
+    Every epoch, from ``seed + epoch`` (the same on every rank): shuffle, sort each mega-batch of ``mega_batches``
+    batches by length, cut it into groups of one batch per rank, and shuffle the order of the groups. Rank ``r``
+    takes every ``num_replicas``-th example of a group, so each rank's batches are length-grouped too. Being a
+    ``DistributedSampler``, it is used by Lightning as it is (not wrapped), and Lightning calls its ``set_epoch``.
+    (transformers' ``LengthGroupedSampler`` would be wrapped under DDP, which interleaves its batches and never
+    advances its epoch, and it keeps the batches of a mega-batch in length order.)
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0,
+                 mega_batches: int = 50) -> None:
+        super().__init__(lengths, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.lengths, self.batch_size, self.mega_batches = lengths, batch_size, mega_batches
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        order = (order * math.ceil(self.total_size / len(order)))[: self.total_size]  # as many on every rank
+        group = self.batch_size * self.num_replicas
+        span = group * self.mega_batches
+        groups = []
+        for start in range(0, len(order), span):
+            mega = sorted(order[start:start + span], key=lambda i: self.lengths[i], reverse=True)
+            groups += [mega[i:i + group] for i in range(0, len(mega), group)]
+        last = [groups.pop()] if len(groups[-1]) < group else []  # stays last, so later batches stay aligned
+        groups = [groups[i] for i in torch.randperm(len(groups), generator=generator).tolist()] + last
+        return iter([i for g in groups for i in g[self.rank::self.num_replicas]])
 
 
 class _TokenizerDataModule(L.LightningDataModule):
@@ -197,10 +283,10 @@ class _TokenizerDataModule(L.LightningDataModule):
                               f"`tokenizer` attribute, or assign datamodule.tokenizer before fitting.")
         return self.tokenizer
 
-    def _loader(self, dataset: list, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: list, shuffle: bool, sampler: Sampler | None = None) -> DataLoader:
         """Batches padded by the subclass's ``collate``."""
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=self.collate)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, sampler=sampler,
+                          num_workers=self.num_workers, collate_fn=self.collate)
 
 
 class ChatDataModule(_TokenizerDataModule):
@@ -211,8 +297,16 @@ class ChatDataModule(_TokenizerDataModule):
         val_file: held-out JSONL; when absent, ``val_fraction`` of ``train_file`` is held out by prompt.
         val_fraction: share of distinct prompts held out for validation when there is no ``val_file``.
         max_length: examples are truncated to this many tokens.
-        packing: concatenate short training examples into rows of up to ``max_length`` tokens.
+        packing: concatenate short training examples into rows of up to ``max_length`` tokens. Each example keeps
+            its positions (from 0) and attends only to itself, as at inference. For the gemma, gemma3_text, gpt2,
+            llama, mistral, phi3, qwen2, qwen3 and smollm3 families with sdpa, eager, flex or flash attention;
+            refused for others and with prompt or prefix tuning.
+        group_by_length: batch training examples of similar length together (mega-batches of 50 batches sorted
+            by length, batch order shuffled every epoch from the run's seed), so padding each batch to its longest
+            costs little. Works under DDP and FSDP.
         max_train_examples, max_val_examples: keep only the first N (quick runs).
+
+    Unpacked batches are padded, on the right, to their longest example. Validation batches are never packed.
     """
 
     def __init__(
@@ -223,6 +317,7 @@ class ChatDataModule(_TokenizerDataModule):
         max_length: int = 512,
         batch_size: int = 8,
         packing: bool = False,
+        group_by_length: bool = False,
         max_train_examples: int | None = None,
         max_val_examples: int | None = None,
         num_workers: int = 0,
@@ -233,7 +328,8 @@ class ChatDataModule(_TokenizerDataModule):
         if max_length < 2:
             raise ConfigError(f"max_length must be at least 2, got {max_length}.")
         self.train_file, self.val_file, self.val_fraction = train_file, val_file, val_fraction
-        self.max_length, self.packing = max_length, packing
+        self.max_length, self.packing, self.group_by_length = max_length, packing, group_by_length
+        self.flatten_packed = False  # set from the model when the training loader is built
         self.max_train_examples, self.max_val_examples = max_train_examples, max_val_examples
         self.train: list[dict[str, list[int]]] = []
         self.val: list[dict[str, list[int]]] = []
@@ -275,10 +371,26 @@ class ChatDataModule(_TokenizerDataModule):
     def collate(self, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         tokenizer = self._tokenizer()
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-        return pad_batch(examples, pad)
+        return pad_batch(examples, pad, flatten=self.flatten_packed)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train, shuffle=True)
+        """Called once the model is built and adapted, so packing is checked against the model it feeds."""
+        trainer = self.trainer
+        if self.packing:
+            model = getattr(trainer.lightning_module, "model", None) if trainer is not None else None
+            if isinstance(model, PreTrainedModel):
+                check_packing(model)
+                self.flatten_packed = is_flash_attention_requested(model.config)
+            else:
+                rank_zero_warn("ChatDataModule(packing=True) finds no transformers model at `lightning_module.model` "
+                               "to check: packed rows keep examples apart only if the module passes their "
+                               "position_ids, no attention_mask and use_cache=False to a model that supports it.")
+        if not self.group_by_length:
+            return self._loader(self.train, shuffle=True)
+        ranks = (trainer.distributed_sampler_kwargs if trainer is not None else None) or {}
+        sampler = LengthGroupedSampler([len(e["input_ids"]) for e in self.train], self.batch_size,
+                                       seed=int(os.environ.get("PL_GLOBAL_SEED", 0)), **ranks)
+        return self._loader(self.train, shuffle=False, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val, shuffle=False)

@@ -140,7 +140,8 @@ class CausalLMModule(_TransformerModule):
         self.model.train()  # from_pretrained returns eval mode; Lightning switches modes per loop from here
 
     def forward(self, batch: dict[str, torch.Tensor]) -> Any:
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        # Packed rows bring position_ids, no attention_mask: transformers keeps examples apart only without a cache.
+        return self.model(**batch, use_cache=False)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self(batch).loss
