@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
 from lightning_peft.errors import ConfigError, TargetModulesError
 
@@ -301,3 +302,37 @@ class AdapterLayer(nn.Module, ABC):
     @abstractmethod
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
         """The state dict of ``merged_module()`` computed without changing this layer (for exports)."""
+
+
+class WrappingLayer(AdapterLayer):
+    """An adapter layer that takes the place of one linear layer (``nn.Linear``, GPT-2's ``Conv1D``, a 4-bit or
+    8-bit linear) and keeps it as ``base_layer``.
+
+    Model code reads attributes of the layers it owns (T5's feed-forward reads ``wo.weight.dtype``), so the
+    public attributes of the replaced layer that model code reads are forwarded here, read-only: ``weight``,
+    ``bias``, ``in_features`` and ``out_features``. They are properties, not registered tensors, so the state
+    dict, the parameter list and the checkpoint names stay those of ``base_layer``; a quantized base hands over
+    its own ``Params4bit``/``Int8Params``. ``in_features``/``out_features`` come from the layer's attributes
+    (``Conv1D``: ``nx``/``nf``), never from the weight's shape, which FSDP flattens.
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.transposed = isinstance(base_layer, Conv1D)  # the base stores its weight as (in, out)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.nx if self.transposed else self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.nf if self.transposed else self.base_layer.out_features

@@ -25,7 +25,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lightning_peft.errors import ConfigError, MergeError
-from lightning_peft.methods.base import AdapterConfig, AdapterLayer, check_module_patterns, select_targets
+from lightning_peft.methods.base import AdapterConfig, WrappingLayer, check_module_patterns, select_targets
 from lightning_peft.quantization import compute_dtype
 
 # The output projection of each sublayer, per family (names or a full-match regex): the adapter follows it.
@@ -99,7 +99,7 @@ def _adaptable(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D))
 
 
-class BottleneckLayer(AdapterLayer):
+class BottleneckLayer(WrappingLayer):
     """A sublayer's output projection followed by ``h + up(σ(down(h)))``; the projection is kept as
     ``base_layer`` and called unchanged. ``down`` and ``up`` are plain linear layers with biases."""
 
@@ -108,11 +108,10 @@ class BottleneckLayer(AdapterLayer):
     disk_names: ClassVar[dict[str, str]] = {}
 
     def __init__(self, base_layer: nn.Module, config: BottleneckAdapterConfig) -> None:
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.config = config
         weight = base_layer.weight
-        hidden = weight.shape[1] if isinstance(base_layer, Conv1D) else base_layer.out_features
+        hidden = self.out_features
         width = max(1, hidden // config.reduction_factor)
         factory = {"dtype": weight.dtype if weight.is_floating_point() else torch.float32, "device": weight.device}
         self.adapter_down = nn.Linear(hidden, width, **factory)

@@ -27,6 +27,7 @@ from lightning_peft.errors import ConfigError, MergeError
 from lightning_peft.methods.base import (
     AdapterConfig,
     AdapterLayer,
+    WrappingLayer,
     check_module_patterns,
     output_head_paths,
     select_targets,
@@ -148,7 +149,7 @@ def _adaptable(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D))
 
 
-class LoraLayer(AdapterLayer):
+class LoraLayer(WrappingLayer):
     """LoRA around one linear layer (``nn.Linear``, GPT-2's ``Conv1D``, or a quantized linear).
 
     Owns ``lora_A`` (r × in) and ``lora_B`` (out × r) as plain parameters, so a pass that swaps linear layers
@@ -159,14 +160,8 @@ class LoraLayer(AdapterLayer):
     disk_names: ClassVar[dict[str, str]] = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
 
     def __init__(self, base_layer: nn.Module, config: LoraConfig) -> None:
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.config = config
-        self.transposed = isinstance(base_layer, Conv1D)
-        if self.transposed:
-            self.in_features, self.out_features = base_layer.weight.shape
-        else:
-            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         weight = base_layer.weight
         dtype = weight.dtype if weight.is_floating_point() else torch.float32
         self.r = config.r
