@@ -48,10 +48,18 @@ class AdapterConfig(ABC):
     """What HF PEFT puts before a module path in its tensor keys (``base_model.`` for prompt methods, whose
     PEFT model wraps the transformers model directly)."""
 
+    own_fields: ClassVar[tuple[str, ...]] = ("base_model_gguf_file",)
+    """Fields HF PEFT's config for this ``peft_type`` lacks: ``save_adapter`` writes them to the safetensors
+    metadata instead of ``adapter_config.json``, so PEFT loads the JSON without warnings."""
+
     task_type: str | None = None
     """``CAUSAL_LM``, ``SEQ_CLS``, ...: tells HF PEFT which model class to wrap when it loads our files."""
     base_model_name_or_path: str | None = None
-    """Recorded in ``adapter_config.json`` so the adapter says which base it belongs to."""
+    """Recorded in ``adapter_config.json`` so the adapter says which base it belongs to (``package:NAME/...`` for
+    a base inside an installed package). Filled in at save from where the model was loaded when left unset."""
+    base_model_gguf_file: str | None = None
+    """The GGUF file inside ``base_model_name_or_path`` the base was read from, filled in at save like it; kept in
+    the safetensors metadata, as HF PEFT has no such field."""
     modules_to_save: list[str] | None = None
     """Modules trained in full and saved with the adapter (e.g. a classification head), by name or suffix."""
 
@@ -100,7 +108,7 @@ class AdapterConfig(ABC):
         return []
 
     def to_dict(self) -> dict[str, Any]:
-        """The ``adapter_config.json`` content: our fields plus ``peft_type``, JSON-ready."""
+        """Every field plus ``peft_type``, JSON-ready (``save_adapter`` keeps ``own_fields`` out of the JSON)."""
         out: dict[str, Any] = {"peft_type": self.peft_type}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)

@@ -55,6 +55,7 @@ class LoraConfig(AdapterConfig):
     """
 
     peft_type: ClassVar[str] = "LORA"
+    own_fields: ClassVar[tuple[str, ...]] = (*AdapterConfig.own_fields, "loraplus_lr_ratio")
 
     r: int = 8
     """Rank of the update; the adapter has ``r * (in + out)`` parameters per targeted layer."""
@@ -78,7 +79,8 @@ class LoraConfig(AdapterConfig):
     """DoRA (``methods/dora.py``): a trainable magnitude per output row, LoRA on the direction; mergeable."""
     loraplus_lr_ratio: float | None = None
     """LoRA+ (Hayou et al. 2024): the B matrices train at ``loraplus_lr_ratio`` times the learning rate of A
-    (e.g. 16), in their own optimizer param groups, whatever optimizer is configured. Not saved for HF PEFT."""
+    (e.g. 16), in their own optimizer param groups, whatever optimizer is configured. HF PEFT's LoraConfig has
+    no such field: saved in the safetensors metadata, not ``adapter_config.json``."""
     fan_in_fan_out: bool = False
     """Whether the targets store weights as (in, out). Read from the layer type (GPT-2's ``Conv1D`` does), and
     written for HF PEFT, which needs it set for such layers."""
@@ -136,13 +138,6 @@ class LoraConfig(AdapterConfig):
         if self.bias == "lora_only":
             return [f"{path}.base_layer.bias" for path, layer in layers.items() if layer.base_layer.bias is not None]
         return []
-
-    def to_dict(self) -> dict:
-        out = super().to_dict()
-        out["fan_in_fan_out"] = self.fan_in_fan_out
-        if out["loraplus_lr_ratio"] is None:
-            del out["loraplus_lr_ratio"]  # a training choice HF PEFT's LoraConfig has no field for
-        return out
 
 
 def _adaptable(module: nn.Module) -> bool:
