@@ -129,7 +129,12 @@ def _recorded_gguf_file(config: AdapterConfig, base: str) -> str | None:
     recorded = config.base_model_name_or_path
     if config.base_model_gguf_file is None or recorded is None:
         return None
-    same = recorded == base or Path(resolve_path(recorded)).resolve() == Path(resolve_path(base)).resolve()
+    if recorded == base:
+        return config.base_model_gguf_file
+    try:
+        same = Path(resolve_path(recorded)).resolve() == Path(resolve_path(base)).resolve()
+    except ConfigError:  # a package the recorded base lives in is not installed here: not the base named
+        return None
     return config.base_model_gguf_file if same else None
 
 

