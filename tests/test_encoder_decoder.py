@@ -4,6 +4,7 @@ PEFT (``SEQ_2_SEQ_LM``) both ways and merges are exact. Prompt methods refuse su
 
 from __future__ import annotations
 
+import bitsandbytes as bnb
 import pytest
 import torch
 import transformers
@@ -117,8 +118,6 @@ def test_a_4bit_base_hands_over_its_quantized_weight():
     config = QuantizationConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
     quantize_model(model, config, "cpu", skip_paths(model, config))
     attach(model, LoraConfig(task_type=TASK, r=4, target_modules="all-linear", init_lora_weights=False))
-    import bitsandbytes as bnb
-
     layers = [layer for layer in adapter_layers(model).values() if isinstance(layer.base_layer, bnb.nn.Linear4bit)]
     assert layers
     for layer in layers:
