@@ -3,6 +3,10 @@
 A directory holds ``adapter_config.json`` and ``adapter_model.safetensors``. Tensor keys are module paths inside
 the transformers model, prefixed with ``base_model.model.``, with the suffix each adapter layer declares
 (``lora_A.weight``...). This module is the only place that translates between those names and ours.
+
+``adapter_config.json`` holds only fields HF PEFT's config class knows, so PEFT loads it without a warning.
+What PEFT has no field for (the base's fingerprint, the GGUF file it was read from, ``loraplus_lr_ratio``) is
+one JSON object under the key ``lightning_peft`` of the safetensors file's metadata, which PEFT ignores.
 Loading never unpickles: tensors come from safetensors, Lightning checkpoints are read with ``weights_only``.
 """
 
@@ -15,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -23,6 +27,7 @@ from lightning_peft.atomic import atomic_directory
 from lightning_peft.errors import AdapterFileError, AdapterMismatchError, TargetModulesError
 from lightning_peft.fingerprint import base_fingerprint, fingerprint_mismatch
 from lightning_peft.methods.base import AdapterConfig
+from lightning_peft.resources import model_source
 from lightning_peft.surgery import (
     active_config,
     adapter_layers,
@@ -34,6 +39,7 @@ from lightning_peft.surgery import (
 
 CONFIG_NAME = "adapter_config.json"
 FINGERPRINT_KEY = "base_model_fingerprint"
+METADATA_KEY = "lightning_peft"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
@@ -86,13 +92,14 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike) -> Path:
         return Path(save_directory)
     tensors = adapter_state_dict(hf)
     content = config.to_dict()
-    if content.get("base_model_name_or_path") is None:
-        content["base_model_name_or_path"] = getattr(hf.config, "_name_or_path", None) or None
-    content[FINGERPRINT_KEY] = base_fingerprint(hf)
+    if content["base_model_name_or_path"] is None:
+        content["base_model_name_or_path"], content["base_model_gguf_file"] = model_source(hf)
     if any(getattr(layer, "transposed", False) for layer in adapter_layers(hf).values()):
         content["fan_in_fan_out"] = True
+    own = {key: content.pop(key) for key in config.own_fields}
+    record = {FINGERPRINT_KEY: base_fingerprint(hf), "config": {k: v for k, v in own.items() if v is not None}}
     with atomic_directory(save_directory) as tmp:
-        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt", METADATA_KEY: json.dumps(record)})
         (tmp / CONFIG_NAME).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
     return Path(save_directory)
 
@@ -123,12 +130,23 @@ def read_adapter(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torc
         data = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AdapterFileError(f"{config_path} is not valid JSON ({err}); re-save the adapter.") from None
-    fingerprint = data.pop(FINGERPRINT_KEY, None) if isinstance(data, dict) else None
-    config = AdapterConfig.from_dict(data, source=str(config_path))
     try:
+        with safe_open(weights_path, "pt") as f:
+            metadata = f.metadata() or {}
         tensors = load_file(weights_path)
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise AdapterFileError(f"{weights_path} is not a readable safetensors file ({err}); re-save it.") from None
+    try:
+        record = json.loads(metadata.get(METADATA_KEY, "{}"))
+    except json.JSONDecodeError as err:
+        raise AdapterFileError(f"{weights_path}: its {METADATA_KEY!r} metadata is not valid JSON ({err}).") from None
+    if not isinstance(record, dict) or not isinstance(record.get("config", {}), dict):
+        raise AdapterFileError(f"{weights_path}: its {METADATA_KEY!r} metadata is not a JSON object of objects.")
+    fingerprint = record.get(FINGERPRINT_KEY)
+    if isinstance(data, dict):
+        fingerprint = record.get(FINGERPRINT_KEY, data.pop(FINGERPRINT_KEY, None))  # older files kept it in the JSON
+        data = {**data, **record.get("config", {})}
+    config = AdapterConfig.from_dict(data, source=str(config_path))
     return config, tensors, "disk", fingerprint
 
 

@@ -3,13 +3,21 @@
 Everything is written under a hidden temporary name in the same directory (same file system, so the rename is
 atomic), flushed to disk, then renamed into place. A process killed at any instant leaves either the previous
 complete version or the new one.
+
+What is written gets the permissions ``open`` and ``os.makedirs`` give (``0666``/``0777`` less the process
+umask), as ``save_pretrained`` intends, not ``tempfile``'s private ``0600``/``0700`` nor the ``0600`` safetensors
+0.8 gives its files: a model server running as another user must be able to read what training wrote. The
+temporary name is created with ``0666``/``0777`` and the kernel applies the umask; its resulting mode is the
+one given to everything written, so the umask is never read or changed.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,16 +31,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _temporary_name(path: Path) -> Path:
+    """A hidden, unused name next to ``path``, created exclusively by the caller."""
+    return path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
+
+
 @contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces ``path`` in one rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    tmp = _temporary_name(path)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    mode = stat.S_IMODE(tmp.stat().st_mode)  # 0666 less the umask
     try:
         yield tmp
+        os.chmod(tmp, mode)  # in case the writer replaced the file
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -50,13 +64,18 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = _temporary_name(path)
+    tmp.mkdir(0o777)
+    mode = stat.S_IMODE(tmp.stat().st_mode)  # 0777 less the umask
     old = None
     try:
         yield tmp
-        for file in tmp.iterdir():
-            if file.is_file():
-                with open(file, "rb") as f:
+        for item in tmp.rglob("*"):
+            if item.is_dir():
+                os.chmod(item, mode)
+            elif item.is_file():
+                os.chmod(item, mode & 0o666)
+                with open(item, "rb") as f:
                     os.fsync(f.fileno())
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))

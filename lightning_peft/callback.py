@@ -5,7 +5,9 @@ Hooks, in Lightning's order of events:
 - ``setup`` (before ``configure_model`` and before the strategy moves, wraps and builds optimizers): the model
   is built now if the module creates it in ``configure_model``, prepared by a ``PeftStrategy`` (quantized,
   streamed in from its checkpoint), then the adapter is injected and the base frozen,
-  so DDP/FSDP wrap the adapted model and ``configure_optimizers`` sees it. Under FSDP it takes
+  so DDP/FSDP wrap the adapted model and ``configure_optimizers`` sees it. ``configure_model`` is called a second
+  time here: one that builds a new model each call (Lightning's call would drop the adapted one) is refused with
+  the one-line fix before any optimizer exists; no public hook runs later and still before them. Under FSDP it takes
   ``PeftFSDPStrategy``, which keeps the adapter whole on every rank (``fsdp.py``); Lightning's ``FSDPStrategy``,
   which would shard it, is refused. Parameter counts are taken here, before FSDP shards the base.
 - ``on_fit_start`` (optimizers exist, training state not yet restored): frozen tensors are dropped from the
@@ -53,6 +55,14 @@ from lightning_peft.strategy import PeftStrategyMixin
 from lightning_peft.surgery import active_config, adapter_layers, attach, count_parameters, find_transformer
 
 
+_REBUILDS = (
+    "The LightningModule builds a new model each time configure_model is called, so Lightning's own call would "
+    "throw away the model PeftCallback put the adapter in (and leave the optimizer nothing to train). Make "
+    "configure_model return early when the model exists, as Lightning requires: start it with "
+    "`if self.model is not None: return`."
+)
+
+
 class PeftCallback(Callback):
     """Parameter-efficient fine-tuning of the transformers model held by the LightningModule.
 
@@ -97,12 +107,18 @@ class PeftCallback(Callback):
         if is_overridden("configure_model", pl_module):
             # Lightning calls configure_model after this hook and requires it to be idempotent: building the model
             # here, in the same contexts Lightning would use, lets the adapter go in before the strategy wraps it.
+            # A second call now shows whether Lightning's would replace the adapted model: no public hook runs
+            # between Lightning's call and configure_optimizers, so this is the earliest point to say so.
             with (
                 trainer.strategy.tensor_init_context(),
                 trainer.strategy.model_sharded_context(),
                 trainer.precision_plugin.module_init_context(),
             ):
                 pl_module.configure_model()
+                built = find_transformer(pl_module)[1]
+                pl_module.configure_model()
+            if find_transformer(pl_module)[1] is not built:
+                raise ConfigError(_REBUILDS)
         self._prefix, model = find_transformer(pl_module)
         if isinstance(trainer.strategy, PeftStrategyMixin):
             trainer.strategy.prepare_model(pl_module, self.adapter)  # quantize / stream in the base first
@@ -124,10 +140,10 @@ class PeftCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         _, model = find_transformer(pl_module)
         if active_config(model) is None:
-            raise RuntimeError(
-                "The model lost its adapter between setup and fit: configure_model built a new model after "
-                "PeftCallback injected the adapter. Make configure_model return early when the model exists "
-                "(`if self.model is not None: return`), as Lightning requires."
+            raise ConfigError(
+                "The model lost its adapter between PeftCallback's setup and fit: a hook that runs after it (the "
+                "module's setup) built a new model. Build the model once, in __init__ or in configure_model "
+                "starting with `if self.model is not None: return`."
             )
         self._prune_optimizers(trainer, pl_module)
         self._split_lr_groups(trainer, model)

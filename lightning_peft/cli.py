@@ -28,8 +28,10 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from lightning_peft.adapter_io import load_adapter, read_adapter
 from lightning_peft.errors import ConfigError
 from lightning_peft.merge import ExportDtype, export_merged
+from lightning_peft.methods.base import AdapterConfig
 from lightning_peft.modules import CausalLMModule, load_pretrained, load_tokenizer
 from lightning_peft.report import draw_report
+from lightning_peft.resources import resolve_path
 
 
 class PeftCLI(LightningCLI):
@@ -54,7 +56,7 @@ def merge(adapter: str, output: str, base: str | None = None, gguf_file: str | N
         adapter: adapter directory (ours or HF PEFT's) or a checkpoint written under PeftCallback.
         output: directory to write the merged model (and the base's tokenizer) to.
         base: the base model; defaults to the adapter's recorded base_model_name_or_path.
-        gguf_file: GGUF file inside ``base`` to load the base from.
+        gguf_file: GGUF file inside ``base`` to load the base from; defaults to the one the adapter records.
         dtype: dtype of the merged weights (float32, bfloat16, float16); defaults to the base's.
     """
     model, tokenizer = _load_base_with_adapter(adapter, base, gguf_file)
@@ -71,13 +73,16 @@ def generate(base: str, prompt: str | list[str] | None = None, adapter: str | No
         base: the base model directory (``package:NAME`` for one inside an installed package).
         prompt: a user message, or a JSON list of them (``--prompt+`` adds one more).
         adapter: adapter directory or checkpoint to load onto the base.
-        gguf_file: GGUF file inside ``base`` to load the model and tokenizer from.
+        gguf_file: GGUF file inside ``base`` to load the model and tokenizer from; defaults to the one the adapter
+            records when ``base`` is the adapter's recorded base.
         tokenizer: where the tokenizer is, when not with the model.
         max_new_tokens: length limit of each answer.
     """
     if not prompt:
         raise ConfigError("generate needs at least one --prompt.")
     prompts = [prompt] if isinstance(prompt, str) else prompt
+    if adapter is not None and gguf_file is None:
+        gguf_file = _recorded_gguf_file(read_adapter(adapter)[0], base)
     module = CausalLMModule(base, gguf_file=gguf_file, tokenizer=tokenizer, max_new_tokens=max_new_tokens)
     module.configure_model()
     if adapter is not None:
@@ -107,6 +112,7 @@ def _load_base_with_adapter(adapter: str, base: str | None, gguf_file: str | Non
     base = base or config.base_model_name_or_path
     if base is None:
         raise ConfigError(f"{adapter} records no base model; pass --base.")
+    gguf_file = gguf_file or _recorded_gguf_file(config, base)
     if config.task_type == "SEQ_CLS":
         heads = [t for k, t in tensors.items() if k.endswith(("classifier.weight", "score.weight"))]
         if not heads:
@@ -116,6 +122,20 @@ def _load_base_with_adapter(adapter: str, base: str | None, gguf_file: str | Non
         model = load_pretrained(AutoModelForCausalLM, base, gguf_file)
     load_adapter(model, adapter)
     return model, load_tokenizer(base, gguf_file)
+
+
+def _recorded_gguf_file(config: AdapterConfig, base: str) -> str | None:
+    """The GGUF file the adapter records for its base, when ``base`` names that base (however it is spelt)."""
+    recorded = config.base_model_name_or_path
+    if config.base_model_gguf_file is None or recorded is None:
+        return None
+    if recorded == base:
+        return config.base_model_gguf_file
+    try:
+        same = Path(resolve_path(recorded)).resolve() == Path(resolve_path(base)).resolve()
+    except ConfigError:  # a package the recorded base lives in is not installed here: not the base named
+        return None
+    return config.base_model_gguf_file if same else None
 
 
 TOOLS: dict[str, Callable] = {"merge": merge, "generate": generate, "report": report}

@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from lightning_peft.data import IGNORE_INDEX, prompt_text
 from lightning_peft.errors import ConfigError
-from lightning_peft.resources import resolve_path
+from lightning_peft.resources import remember_source, resolve_path
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 
@@ -53,7 +53,9 @@ def load_pretrained(auto_class: Any, path: str, gguf_file: str | None = None, dt
         kwargs.update(gguf_file=gguf_file, quantization_config=GgufConfig(dequantize=True))
     if dtype is not None:
         kwargs["dtype"] = getattr(torch, dtype)
-    return auto_class.from_pretrained(resolve_path(path), **kwargs)
+    model = auto_class.from_pretrained(resolve_path(path), **kwargs)
+    remember_source(model, path, gguf_file)  # recorded with the adapter, so merge/generate find the base again
+    return model
 
 
 class _TransformerModule(L.LightningModule):

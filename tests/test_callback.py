@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_helpers import CausalLM, loader, trainer
-from lightning_peft import AdapterMismatchError, LoraConfig, PeftCallback
+from lightning_peft import AdapterMismatchError, ConfigError, LoraConfig, PeftCallback
 from lightning_peft.surgery import adapter_layers
 
 LORA = dict(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
@@ -53,15 +53,31 @@ def test_parameter_counts_are_logged(caplog):
     assert "trainable params: 7,168 || all params:" in caplog.text
 
 
-def test_configure_model_that_rebuilds_the_model_is_refused():
+@pytest.mark.parametrize("strategy", ["auto", "peft"])
+def test_configure_model_that_rebuilds_the_model_is_refused_before_any_optimizer(strategy):
     class Rebuilds(CausalLM):
         def configure_model(self):
             from conftest import make_model
 
             self.model = make_model("llama")
 
-    with pytest.raises(RuntimeError, match="idempotent|return early"):
-        trainer(callbacks=[PeftCallback(LoraConfig(**LORA))]).fit(Rebuilds(in_init=False), loader())
+        def configure_optimizers(self):
+            raise AssertionError("configure_optimizers ran before the rebuilt model was refused")
+
+    with pytest.raises(ConfigError, match=r"return early.*`if self\.model is not None: return`"):
+        trainer(callbacks=[PeftCallback(LoraConfig(**LORA))], strategy=strategy).fit(Rebuilds(in_init=False),
+                                                                                      loader())
+
+
+def test_a_model_replaced_in_the_module_setup_hook_is_refused_at_fit_start():
+    class ReplacesInSetup(CausalLM):
+        def setup(self, stage):
+            from conftest import make_model
+
+            self.model = make_model("llama")
+
+    with pytest.raises(ConfigError, match="lost its adapter.*if self.model is not None: return"):
+        trainer(callbacks=[PeftCallback(LoraConfig(**LORA))]).fit(ReplacesInSetup(), loader())
 
 
 def test_checkpoint_is_adapter_only_and_small(tmp_path):

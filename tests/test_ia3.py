@@ -30,7 +30,7 @@ def test_feedforward_scales_the_input_and_others_the_output(conv1d):
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [(dict(target_modules=["k_proj"], feedforward_modules=["down_proj"]), "not in target_modules"),
+    [(dict(target_modules=["k_proj"], feedforward_modules=["down_proj"]), "end no entry of target_modules"),
      (dict(init_ia3_weights="yes"), "init_ia3_weights"), (dict(feedforward_modules=[3]), "feedforward_modules")],
 )
 def test_bad_config_is_refused(kwargs, match):

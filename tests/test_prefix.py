@@ -146,3 +146,44 @@ def test_trains_on_a_4bit_base():
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def _mistral_with_prefix(window):
+    model = make_model("mistral", sliding_window=window)
+    model.generation_config.eos_token_id = None
+    torch.manual_seed(7)
+    attach(model, PrefixTuningConfig(**PROJECTED))
+    return model
+
+
+def test_sliding_window_acts_within_the_window_and_is_refused_beyond_it():
+    windowed, full = _mistral_with_prefix(8), _mistral_with_prefix(None)
+    ids = batch(length=8)["input_ids"]
+    # 3 virtual tokens + 5 tokens fill the window of 8: every token still attends to the prefix.
+    torch.testing.assert_close(windowed(input_ids=ids[:, :5]).logits, full(input_ids=ids[:, :5]).logits)
+    with pytest.raises(ConfigError, match=r"sliding_window=8.*9 positions.*within 5 tokens.*sliding_window = None"):
+        windowed(input_ids=ids[:, :6])
+    prompt = {"input_ids": ids[:, :3], "attention_mask": torch.ones_like(ids[:, :3]), "do_sample": False,
+              "pad_token_id": 0}
+    # The last of 3 new tokens is produced by the forward at position 8; a fourth would need position 9.
+    assert torch.equal(windowed.generate(**prompt, max_new_tokens=3), full.generate(**prompt, max_new_tokens=3))
+    with pytest.raises(ConfigError, match="sliding_window=8"):
+        windowed.generate(**prompt, max_new_tokens=4)
+    windowed.config.sliding_window = None  # the fix the error names
+    torch.testing.assert_close(windowed(input_ids=ids).logits, full(input_ids=ids).logits)
+
+
+def test_a_cache_filled_without_the_prefix_is_refused_and_ours_continues(llama):
+    import copy
+
+    ids = batch()["input_ids"]
+    foreign = llama(input_ids=ids[:, :6], use_cache=True).past_key_values  # the bare base filled it
+    attach(llama, PrefixTuningConfig(**PROJECTED))
+    with pytest.raises(ConfigError, match="already holds 6 positions that prefix tuning did not fill"):
+        llama(input_ids=ids[:, 6:7], past_key_values=foreign)
+    with torch.no_grad():  # inference, where a filled cache is copied to serve several continuations
+        expected = llama(input_ids=ids[:, :7]).logits[:, -1]
+        ours = llama(input_ids=ids[:, :6], use_cache=True).past_key_values
+        for cache in (copy.deepcopy(ours), ours):
+            step = llama(input_ids=ids[:, 6:7], past_key_values=cache).logits[:, -1]
+            torch.testing.assert_close(step, expected, rtol=1e-5, atol=1e-5)

@@ -32,9 +32,9 @@ from transformers.pytorch_utils import Conv1D
 from lightning_peft.errors import ConfigError, MergeError
 from lightning_peft.methods.base import (
     AdapterConfig,
-    AdapterLayer,
-    adapter_dtype,
     TrainingHooks,
+    WrappingLayer,
+    adapter_dtype,
     check_module_patterns,
     output_head_paths,
     select_targets,
@@ -162,7 +162,7 @@ class AdaLoraConfig(AdapterConfig):
         return RankAllocator(model, self)
 
 
-class AdaLoraLayer(AdapterLayer):
+class AdaLoraLayer(WrappingLayer):
     """An SVD-form update ``B diag(E) A · lora_alpha / init_r`` around one linear layer (dense, ``Conv1D`` or
     4-bit). A, E and B are plain parameters; the base layer is kept as ``base_layer`` and called unchanged."""
 
@@ -170,14 +170,8 @@ class AdaLoraLayer(AdapterLayer):
     disk_names: ClassVar[dict[str, str]] = {"lora_A": "lora_A", "lora_E": "lora_E", "lora_B": "lora_B"}
 
     def __init__(self, base_layer: nn.Module, config: AdaLoraConfig, r: int) -> None:
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.config = config
-        self.transposed = isinstance(base_layer, Conv1D)
-        if self.transposed:
-            self.in_features, self.out_features = base_layer.weight.shape
-        else:
-            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         weight = base_layer.weight
         factory = dict(dtype=adapter_dtype(config, weight), device=weight.device)
         self.scaling = config.lora_alpha / (config.init_r + _EPS)

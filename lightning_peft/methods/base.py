@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
 from lightning_peft.errors import ConfigError, TargetModulesError
 
@@ -47,10 +48,18 @@ class AdapterConfig(ABC):
     """What HF PEFT puts before a module path in its tensor keys (``base_model.`` for prompt methods, whose
     PEFT model wraps the transformers model directly)."""
 
+    own_fields: ClassVar[tuple[str, ...]] = ("base_model_gguf_file",)
+    """Fields HF PEFT's config for this ``peft_type`` lacks: ``save_adapter`` writes them to the safetensors
+    metadata instead of ``adapter_config.json``, so PEFT loads the JSON without warnings."""
+
     task_type: str | None = None
     """``CAUSAL_LM``, ``SEQ_CLS``, ...: tells HF PEFT which model class to wrap when it loads our files."""
     base_model_name_or_path: str | None = None
-    """Recorded in ``adapter_config.json`` so the adapter says which base it belongs to."""
+    """Recorded in ``adapter_config.json`` so the adapter says which base it belongs to (``package:NAME/...`` for
+    a base inside an installed package). Filled in at save from where the model was loaded when left unset."""
+    base_model_gguf_file: str | None = None
+    """The GGUF file inside ``base_model_name_or_path`` the base was read from, filled in at save like it; kept in
+    the safetensors metadata, as HF PEFT has no such field."""
     modules_to_save: list[str] | None = None
     """Modules trained in full and saved with the adapter (e.g. a classification head), by name or suffix."""
     autocast_adapter_dtype: bool = dataclasses.field(default=True, kw_only=True)
@@ -104,7 +113,7 @@ class AdapterConfig(ABC):
         return []
 
     def to_dict(self) -> dict[str, Any]:
-        """The ``adapter_config.json`` content: our fields plus ``peft_type``, JSON-ready."""
+        """Every field plus ``peft_type``, JSON-ready (``save_adapter`` keeps ``own_fields`` out of the JSON)."""
         out: dict[str, Any] = {"peft_type": self.peft_type}
         for field in dataclasses.fields(self):
             if field.name == "autocast_adapter_dtype":
@@ -316,3 +325,37 @@ class AdapterLayer(nn.Module, ABC):
     @abstractmethod
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
         """The state dict of ``merged_module()`` computed without changing this layer (for exports)."""
+
+
+class WrappingLayer(AdapterLayer):
+    """An adapter layer that takes the place of one linear layer (``nn.Linear``, GPT-2's ``Conv1D``, a 4-bit or
+    8-bit linear) and keeps it as ``base_layer``.
+
+    Model code reads attributes of the layers it owns (T5's feed-forward reads ``wo.weight.dtype``), so the
+    public attributes of the replaced layer that model code reads are forwarded here, read-only: ``weight``,
+    ``bias``, ``in_features`` and ``out_features``. They are properties, not registered tensors, so the state
+    dict, the parameter list and the checkpoint names stay those of ``base_layer``; a quantized base hands over
+    its own ``Params4bit``/``Int8Params``. ``in_features``/``out_features`` come from the layer's attributes
+    (``Conv1D``: ``nx``/``nf``), never from the weight's shape, which FSDP flattens.
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.transposed = isinstance(base_layer, Conv1D)  # the base stores its weight as (in, out)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.nx if self.transposed else self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.nf if self.transposed else self.base_layer.out_features

@@ -26,7 +26,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lightning_peft.errors import ConfigError, MergeError
-from lightning_peft.methods.base import AdapterConfig, AdapterLayer, adapter_dtype, check_module_patterns, select_targets
+from lightning_peft.methods.base import AdapterConfig, WrappingLayer, adapter_dtype, check_module_patterns, select_targets
 from lightning_peft.quantization import compute_dtype
 
 # The output projection of each sublayer, per family (names or a full-match regex): the adapter follows it.
@@ -100,7 +100,7 @@ def _adaptable(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D))
 
 
-class BottleneckLayer(AdapterLayer):
+class BottleneckLayer(WrappingLayer):
     """A sublayer's output projection followed by ``h + up(σ(down(h)))``; the projection is kept as
     ``base_layer`` and called unchanged. ``down`` and ``up`` are plain linear layers with biases."""
 
@@ -109,11 +109,10 @@ class BottleneckLayer(AdapterLayer):
     disk_names: ClassVar[dict[str, str]] = {}
 
     def __init__(self, base_layer: nn.Module, config: BottleneckAdapterConfig) -> None:
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.config = config
         weight = base_layer.weight
-        hidden = weight.shape[1] if isinstance(base_layer, Conv1D) else base_layer.out_features
+        hidden = self.out_features
         width = max(1, hidden // config.reduction_factor)
         factory = {"dtype": adapter_dtype(config, weight), "device": weight.device}
         self.adapter_down = nn.Linear(hidden, width, **factory)

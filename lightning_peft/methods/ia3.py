@@ -23,7 +23,7 @@ from transformers.pytorch_utils import Conv1D
 from lightning_peft.errors import ConfigError, MergeError
 from lightning_peft.methods.base import (
     AdapterConfig,
-    AdapterLayer,
+    WrappingLayer,
     adapter_dtype,
     check_module_patterns,
     match_module_name,
@@ -82,10 +82,11 @@ class IA3Config(AdapterConfig):
         if not isinstance(self.init_ia3_weights, bool):
             raise ConfigError(f"init_ia3_weights must be True or False, got {self.init_ia3_weights!r}.")
         if isinstance(self.feedforward_modules, list) and isinstance(self.target_modules, list):
-            extra = sorted(set(self.feedforward_modules) - set(self.target_modules))
+            # A feed-forward entry must end some target (HF PEFT saves "all-linear" as full paths, ``wo`` as is).
+            extra = sorted(f for f in self.feedforward_modules if not any(t.endswith(f) for t in self.target_modules))
             if extra:
-                raise ConfigError(f"feedforward_modules {extra} are not in target_modules {self.target_modules}; "
-                                  f"a feed-forward module must also be a target.")
+                raise ConfigError(f"feedforward_modules {extra} end no entry of target_modules "
+                                  f"{self.target_modules}; a feed-forward module must also be a target.")
 
     def _defaults(self, model: nn.Module) -> tuple[list[str] | str, list[str] | str]:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -114,7 +115,7 @@ def _is_feedforward(path: str, feedforward: list[str] | str) -> bool:
     return any(path.endswith(key) for key in feedforward)
 
 
-class IA3Layer(AdapterLayer):
+class IA3Layer(WrappingLayer):
     """A scaling vector on the input (feed-forward) or output (others) of one linear layer (dense, ``Conv1D``
     or 4-bit). The base layer is kept as ``base_layer`` and called unchanged."""
 
@@ -122,15 +123,9 @@ class IA3Layer(AdapterLayer):
     disk_names: ClassVar[dict[str, str]] = {"ia3_l": "ia3_l"}
 
     def __init__(self, base_layer: nn.Module, config: IA3Config, is_feedforward: bool) -> None:
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.config = config
         self.is_feedforward = is_feedforward
-        self.transposed = isinstance(base_layer, Conv1D)
-        if self.transposed:
-            self.in_features, self.out_features = base_layer.weight.shape
-        else:
-            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         weight = base_layer.weight
         shape = (1, self.in_features) if is_feedforward else (self.out_features, 1)
         self.ia3_l = nn.Parameter(torch.ones(shape, dtype=adapter_dtype(config, weight), device=weight.device))

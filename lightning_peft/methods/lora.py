@@ -27,6 +27,7 @@ from lightning_peft.errors import ConfigError, MergeError
 from lightning_peft.methods.base import (
     AdapterConfig,
     AdapterLayer,
+    WrappingLayer,
     adapter_dtype,
     check_module_patterns,
     output_head_paths,
@@ -55,6 +56,7 @@ class LoraConfig(AdapterConfig):
     """
 
     peft_type: ClassVar[str] = "LORA"
+    own_fields: ClassVar[tuple[str, ...]] = (*AdapterConfig.own_fields, "loraplus_lr_ratio")
 
     r: int = 8
     """Rank of the update; the adapter has ``r * (in + out)`` parameters per targeted layer."""
@@ -78,7 +80,8 @@ class LoraConfig(AdapterConfig):
     """DoRA (``methods/dora.py``): a trainable magnitude per output row, LoRA on the direction; mergeable."""
     loraplus_lr_ratio: float | None = None
     """LoRA+ (Hayou et al. 2024): the B matrices train at ``loraplus_lr_ratio`` times the learning rate of A
-    (e.g. 16), in their own optimizer param groups, whatever optimizer is configured. Not saved for HF PEFT."""
+    (e.g. 16), in their own optimizer param groups, whatever optimizer is configured. HF PEFT's LoraConfig has
+    no such field: saved in the safetensors metadata, not ``adapter_config.json``."""
     fan_in_fan_out: bool = False
     """Whether the targets store weights as (in, out). Read from the layer type (GPT-2's ``Conv1D`` does), and
     written for HF PEFT, which needs it set for such layers."""
@@ -137,19 +140,12 @@ class LoraConfig(AdapterConfig):
             return [f"{path}.base_layer.bias" for path, layer in layers.items() if layer.base_layer.bias is not None]
         return []
 
-    def to_dict(self) -> dict:
-        out = super().to_dict()
-        out["fan_in_fan_out"] = self.fan_in_fan_out
-        if out["loraplus_lr_ratio"] is None:
-            del out["loraplus_lr_ratio"]  # a training choice HF PEFT's LoraConfig has no field for
-        return out
-
 
 def _adaptable(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D))
 
 
-class LoraLayer(AdapterLayer):
+class LoraLayer(WrappingLayer):
     """LoRA around one linear layer (``nn.Linear``, GPT-2's ``Conv1D``, or a quantized linear).
 
     Owns ``lora_A`` (r × in) and ``lora_B`` (out × r) as plain parameters, so a pass that swaps linear layers
@@ -160,14 +156,8 @@ class LoraLayer(AdapterLayer):
     disk_names: ClassVar[dict[str, str]] = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
 
     def __init__(self, base_layer: nn.Module, config: LoraConfig) -> None:
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.config = config
-        self.transposed = isinstance(base_layer, Conv1D)
-        if self.transposed:
-            self.in_features, self.out_features = base_layer.weight.shape
-        else:
-            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         weight = base_layer.weight
         dtype = adapter_dtype(config, weight)
         self.r = config.r

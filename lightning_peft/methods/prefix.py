@@ -16,6 +16,16 @@ lengthens the attention mask, so the tokens sit at positions ``n..n+L-1`` as in 
 unchanged: the first step fills the cache generation created, later steps find the prefix there.
 For Llama-style grouped-query attention, keys and values have ``num_key_value_heads`` heads, so ``token_dim``
 is ``num_key_value_heads · head_dim`` (HF PEFT's convention).
+
+Two ways the prefix could silently stop acting are refused with a ConfigError instead:
+
+- sliding-window attention (Mistral's config sets ``sliding_window``): a token more than ``sliding_window``
+  positions after the virtual tokens no longer attends to them, and a sliding-window cache evicts them first.
+  A forward (or generation step) that reaches past the window is refused, naming the limit and the fix
+  (shorter sequences, or ``model.config.sliding_window = None``).
+- a cache the caller filled without the prefix (``past_key_values`` from elsewhere): its keys and values were
+  computed without the prefix, which must come first, so it cannot be added afterwards. Caches the adapted
+  model filled carry a mark and continue as usual (copies too).
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
-from transformers import DynamicCache, PreTrainedModel
+from transformers import Cache, DynamicCache, PretrainedConfig, PreTrainedModel
 
 from lightning_peft.errors import ConfigError, MergeError
 from lightning_peft.methods.base import AdapterLayer
@@ -35,9 +45,10 @@ from lightning_peft.methods.prompt import (
     ENCODER_PATH,
     PromptLearningConfig,
     call_kwargs,
-    is_later_step,
     prepend_mask,
 )
+
+_HOLDS_PREFIX = "_lightning_peft_holds_prefix"  # set on a cache once the prefix is in it; copied with it
 
 
 @dataclasses.dataclass
@@ -91,6 +102,21 @@ class PrefixTuningConfig(PromptLearningConfig):
         if hasattr(model, ENCODER_PATH):
             raise ConfigError(f"{type(model).__name__} already has an attribute {ENCODER_PATH!r}.")
         return {ENCODER_PATH: PrefixEncoder(self, device=model.get_input_embeddings().weight.device)}
+
+
+def _check_window(config: PretrainedConfig, n: int, length: int) -> None:
+    """Refuse a forward whose last position (virtual tokens included) lies beyond a sliding attention window."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if window is None or (layer_types is not None and "sliding_attention" not in layer_types) or length <= window:
+        return
+    raise ConfigError(
+        f"Prefix tuning on a model with sliding-window attention (sliding_window={window}): this forward makes "
+        f"the sequence {length} positions long counting the {n} virtual tokens, and its tokens past position "
+        f"{window} no longer attend to the virtual tokens (a sliding-window cache also evicts them first), so the "
+        f"prefix would silently stop acting. Keep inputs plus generated tokens within {window - n} tokens, or set "
+        f"model.config.sliding_window = None to attend over the whole sequence."
+    )
 
 
 class PrefixEncoder(AdapterLayer):
@@ -148,7 +174,16 @@ class PrefixEncoder(AdapterLayer):
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = kwargs["position_ids"] + n  # the tokens come after the prefix
         cache = kwargs.get("past_key_values")
-        if is_later_step(cache):
+        past = cache.get_seq_length() if isinstance(cache, Cache) else 0
+        reference = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
+        _check_window(backbone.config, n, past + reference.shape[1] + (0 if past else n))
+        if past and not getattr(cache, _HOLDS_PREFIX, False):
+            raise ConfigError(
+                f"past_key_values already holds {past} positions that prefix tuning did not fill: they were computed "
+                f"without the prefix, which must come first in every layer's keys and values. Pass no cache (or an "
+                f"empty one) to the first forward and continue with the past_key_values it returns."
+            )
+        if past:  # a later generation step: the first one put the prefix in
             return (), kwargs
         if getattr(backbone, "is_gradient_checkpointing", False) and backbone.training:
             raise ConfigError("Prefix tuning cannot train with gradient checkpointing: recomputing a layer would "
@@ -158,9 +193,9 @@ class PrefixEncoder(AdapterLayer):
         elif not isinstance(cache, DynamicCache):
             raise ConfigError(f"Prefix tuning puts its prefix in a DynamicCache, not a {type(cache).__name__}; "
                               f"generate with the default cache (cache_implementation='dynamic').")
-        reference = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
         for layer, (keys, values) in enumerate(self.key_values(reference.shape[0], backbone.dtype)):
             cache.update(keys, values, layer)
+        setattr(cache, _HOLDS_PREFIX, True)
         kwargs["past_key_values"] = cache
         return (), kwargs
 

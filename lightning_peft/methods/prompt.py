@@ -68,12 +68,16 @@ class PromptLearningConfig(AdapterConfig):
 
     def fill_from_model(self, model: PreTrainedModel) -> PromptLearningConfig:
         method = type(self).__name__.removesuffix("Config")
+        if getattr(model.config, "is_encoder_decoder", False):
+            raise ConfigError(
+                f"{method} does not support encoder-decoder models such as {type(model).__name__}: HF PEFT puts "
+                f"virtual tokens in front of both the encoder's and the decoder's input (num_transformer_"
+                f"submodules=2), which lightning_peft does not implement. Adapt it with LoRA, DoRA, AdaLoRA or IA3 "
+                f"(target_modules='all-linear' works), or use a decoder-only model."
+            )
         if self.task_type not in PROMPT_TASKS:
             raise ConfigError(f"{method} supports task_type {PROMPT_TASKS} (a *ForCausalLM or *ForSequence"
                               f"Classification model); got task_type={self.task_type!r} for {type(model).__name__}.")
-        config = model.config
-        if getattr(config, "is_encoder_decoder", False):
-            raise ConfigError(f"{method} does not support encoder-decoder models such as {type(model).__name__}.")
         if "inputs_embeds" not in inspect.signature(model.forward).parameters:
             raise ConfigError(f"{method} needs a model whose forward takes inputs_embeds; "
                               f"{type(model).__name__} does not.")
