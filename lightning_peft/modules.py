@@ -19,11 +19,20 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.aggregation import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from torchmetrics.text import Perplexity
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GgufConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GgufConfig,
+    PreTrainedModel,
+)
 
+from lightning_peft.callback import PeftCallback
 from lightning_peft.data import IGNORE_INDEX, prompt_text
 from lightning_peft.errors import ConfigError
 from lightning_peft.resources import remember_source, resolve_path
+from lightning_peft.surgery import adapter_layers
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 
@@ -68,6 +77,28 @@ class _TransformerModule(L.LightningModule):
         self.learning_rate, self.weight_decay, self.warmup_steps = learning_rate, weight_decay, warmup_steps
         self.model: Any = None
 
+    def setup(self, stage: str) -> None:
+        if stage != "fit" or any(isinstance(c, PeftCallback) for c in self.trainer.callbacks):
+            return
+        if self.model is None or not adapter_layers(self.model):
+            raise ConfigError(
+                f"{type(self).__name__} is fitted without PeftCallback (and no adapter in the model): this would be "
+                f"a full fine-tune of every weight. A trainer.callbacks override on the command line replaces the "
+                f"YAML's list; add the adapter back in it, e.g. --trainer.callbacks+=lightning_peft.PeftCallback "
+                f"--trainer.callbacks.adapter=lightning_peft.LoraConfig (or keep the callbacks in the YAML)."
+            )
+
+    def meta_model(self) -> PreTrainedModel:
+        """The model ``configure_model`` would load, built on the meta device from its config alone: no weights are
+        read, so ``lightning-peft check`` sizes even a 70B model in seconds."""
+        path = resolve_path(self.model_name_or_path)
+        config = AutoConfig.from_pretrained(path, gguf_file=getattr(self, "gguf_file", None), **self._config_kwargs())
+        with torch.device("meta"):
+            return self.auto_class.from_config(config, dtype=getattr(torch, self.dtype_name))
+
+    def _config_kwargs(self) -> dict[str, Any]:
+        return {}
+
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay)
@@ -101,6 +132,8 @@ class CausalLMModule(_TransformerModule):
         max_new_tokens: length limit of those answers.
     """
 
+    auto_class = AutoModelForCausalLM
+
     def __init__(
         self,
         model_name_or_path: str,
@@ -126,6 +159,7 @@ class CausalLMModule(_TransformerModule):
             setattr(self, f"{stage}_token_accuracy", MeanMetric())  # share of response tokens predicted exactly
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         if isinstance(self.trainer.strategy, FSDPStrategy) and (self.generate_prompts or stage == "predict"):
             raise ConfigError(
                 "Generating under FSDP is not supported: generate() runs outside FSDP's forward, on a sharded model. "
@@ -205,6 +239,8 @@ class SequenceClassificationModule(_TransformerModule):
         tokenizer: where the tokenizer is, when not with the model.
     """
 
+    auto_class = AutoModelForSequenceClassification
+
     def __init__(
         self,
         model_name_or_path: str,
@@ -233,6 +269,9 @@ class SequenceClassificationModule(_TransformerModule):
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model.train()
+
+    def _config_kwargs(self) -> dict[str, Any]:
+        return {"num_labels": self.num_labels}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> Any:
         return self.model(**batch)
