@@ -139,6 +139,7 @@ def check(config: str) -> list[doctor.Finding]:
     except TargetModulesError as err:
         if not doctor.target_findings(doctor.Run(model, callback.adapter)):
             raise ConfigError(str(err)) from None
+        model.requires_grad_(False)  # no adapter: nothing would train
     lr = getattr(module, "learning_rate", None) if is_overridden("configure_optimizers", module) else None
     facts = doctor.run_facts(model, callback.adapter, module, datamodule, trainer.strategy,
                              callback.learning_rate if lr is None else lr)

@@ -560,7 +560,7 @@ def summary(model: nn.Module, memory: dict[str, float], findings: list[Finding])
     lines += [f"  {name + ':':<36} {human_bytes(size)}" for name, size in memory.items()]
     lines += [f"  {'total:':<36} {human_bytes(sum(step.values()))}",
               f"  activations: {ACTIVATIONS_FORMULA}", ""]
-    lines += [f"findings ({sum(f.level == 'error' for f in findings)} errors, "
-              f"{sum(f.level == 'warning' for f in findings)} warnings):"]
+    errors, warnings = (sum(f.level == level for f in findings) for level in ("error", "warning"))
+    lines += [f"findings: {errors} error{'s' * (errors != 1)}, {warnings} warning{'s' * (warnings != 1)}"]
     lines += [str(f) for f in findings] or ["  none"]
     return "\n".join(lines)

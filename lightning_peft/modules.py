@@ -82,10 +82,10 @@ class _TransformerModule(L.LightningModule):
             return
         if self.model is None or not adapter_layers(self.model):
             raise ConfigError(
-                f"{type(self).__name__} is fitted without PeftCallback (and no adapter in the model): this would be "
-                f"a full fine-tune of every weight. A trainer.callbacks override on the command line replaces the "
-                f"YAML's list; add the adapter back in it, e.g. --trainer.callbacks+=lightning_peft.PeftCallback "
-                f"--trainer.callbacks.adapter=lightning_peft.LoraConfig (or keep the callbacks in the YAML)."
+                f"{type(self).__name__} is fitted without PeftCallback and its model holds no adapter: every weight "
+                f"would train (a full fine-tune). A command-line `--trainer.callbacks=...` replaces the YAML's whole "
+                f"list, PeftCallback included: append with `--trainer.callbacks+=...` instead, or list "
+                f"lightning_peft.PeftCallback (with its adapter) in trainer.callbacks."
             )
 
     def meta_model(self) -> PreTrainedModel:
