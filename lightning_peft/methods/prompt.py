@@ -197,14 +197,19 @@ class PromptEncoder(AdapterLayer):
         self._handles.append(model.register_forward_pre_hook(self._prepend, with_kwargs=True))
 
     def _prepend(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-        kwargs = call_kwargs(model, args, kwargs)
+        return (), self.with_prompt(model, call_kwargs(model, args, kwargs))
+
+    def with_prompt(self, model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The keyword arguments of a call to ``model`` (or to its body, which ``causal_lm_loss`` calls directly)
+        with the virtual tokens put in front: what the hook hands the model's forward."""
+        kwargs = dict(kwargs)
         n = self.num_virtual_tokens
         if "attention_mask" in kwargs:
             kwargs["attention_mask"] = prepend_mask(kwargs["attention_mask"], n)
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = None  # positions follow the lengthened sequence (HF PEFT drops them too)
         if is_later_step(kwargs.get("past_key_values")):
-            return (), kwargs
+            return kwargs
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             embeds = model.get_input_embeddings()(kwargs["input_ids"])
@@ -219,7 +224,7 @@ class PromptEncoder(AdapterLayer):
         if token_types is not None:  # HF PEFT: type 0 for the virtual tokens of a classifier, dropped for an LM
             prefix = token_types.new_zeros(batch, n)
             kwargs["token_type_ids"] = torch.cat((prefix, token_types), 1) if self.config.task_type == "SEQ_CLS" else None
-        return (), kwargs
+        return kwargs
 
     def unload(self) -> None:
         for handle in self._handles:
