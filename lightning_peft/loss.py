@@ -7,7 +7,7 @@ on the default run's data). ``causal_lm_loss`` runs the model's body (``model.ba
 forward would, keeps the final hidden states of the labelled positions (shifted as transformers shifts them: the
 state at position t predicts the label at t + 1) and runs the head and the cross-entropy on chunks of them::
 
-    body ──► hidden (8, 256, 256) ──► labelled rows (655, 256) ──► per chunk of ≤ chunk_size rows:
+    body ──► hidden (8, 256, 256) ──► labelled rows (656, 256) ──► per chunk of ≤ chunk_size rows:
                                                                    head ──► logits (≤ chunk_size, 49152) ──► CE sum
 
 Each chunk runs under ``torch.utils.checkpoint``: the forward keeps only the chunk's loss, the backward recomputes
@@ -95,7 +95,7 @@ def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor], chunk_size: int =
                           f"{sorted(batch)}.")
     labels = batch["labels"]
     inputs = {key: value for key, value in batch.items() if key != "labels"}
-    reason = full_path_reason(model)
+    reason = _full_path_reason(model)
     if reason is None:
         stats = _labelled_stats(model, _final_hidden_states(model, inputs), labels, chunk_size, return_stats)
     else:
@@ -106,7 +106,7 @@ def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor], chunk_size: int =
     return stats if return_stats else stats.loss
 
 
-def full_path_reason(model: Any) -> str | None:
+def _full_path_reason(model: Any) -> str | None:
     """Why ``model``'s loss cannot be computed from its body's output and its head alone, or None when it can."""
     config = model.config
     if getattr(config, "is_encoder_decoder", False):

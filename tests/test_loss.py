@@ -58,6 +58,8 @@ def test_equals_the_models_loss_and_adapter_gradients(family, method):
     ("Gemma3TextConfig", dict(head_dim=8, final_logit_softcapping=0.5), "final_logit_softcapping"),
     ("CohereConfig", dict(logit_scale=4.0), "logit_scale"),
     ("GraniteConfig", dict(logits_scaling=0.25), "logits_scaling"),
+    ("RecurrentGemmaConfig", dict(logits_soft_cap=0.5, block_types=["recurrent", "attention"], attention_window_size=16),
+     "logits_soft_cap"),
 ])
 def test_families_that_post_process_their_logits(name, config, option):
     torch.manual_seed(0)

@@ -10,7 +10,8 @@ The adapter is one ``(num_virtual_tokens, token_dim)`` tensor: 20 virtual tokens
 82k numbers. Nothing inside the model changes: a forward pre-hook on the transformers model turns ``input_ids``
 into ``inputs_embeds`` with the prompt in front, lengthens ``attention_mask``, and for causal LMs puts -100 in
 front of ``labels`` so the loss ignores the virtual positions. The user keeps calling ``model(...)`` as before;
-the logits cover the virtual positions too, exactly as HF PEFT's ``PeftModel`` returns them.
+the logits cover the virtual positions too, exactly as HF PEFT's ``PeftModel`` returns them. ``causal_lm_loss``,
+which calls the model's body rather than its forward, applies the same rewrite (``PromptEncoder.with_prompt``).
 """
 
 from __future__ import annotations
