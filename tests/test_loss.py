@@ -58,8 +58,8 @@ def test_equals_the_models_loss_and_adapter_gradients(family, method):
     ("Gemma3TextConfig", dict(head_dim=8, final_logit_softcapping=0.5), "final_logit_softcapping"),
     ("CohereConfig", dict(logit_scale=4.0), "logit_scale"),
     ("GraniteConfig", dict(logits_scaling=0.25), "logits_scaling"),
-    ("RecurrentGemmaConfig", dict(logits_soft_cap=0.5, block_types=["recurrent", "attention"], attention_window_size=16),
-     "logits_soft_cap"),
+    ("RecurrentGemmaConfig", dict(logits_soft_cap=0.5, block_types=["recurrent", "attention"],
+                                  attention_window_size=16), "logits_soft_cap"),
 ])
 def test_families_that_post_process_their_logits(name, config, option):
     torch.manual_seed(0)
@@ -70,12 +70,11 @@ def test_families_that_post_process_their_logits(name, config, option):
     attach(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "lm_head"], init_lora_weights=False))
     data = labelled()
     assert_same_loss_and_gradients(model, data)
-    plain = model(**{k: v for k, v in data.items() if k != "labels"}).logits
-    assert option in model.config.to_dict()
-    # The option matters at this size: the loss of the head's raw output would be another number.
-    raw = F.cross_entropy(model.lm_head(model.model(input_ids=data["input_ids"])[0])[:, :-1].flatten(0, 1),
-                          data["labels"][:, 1:].flatten())
-    assert not torch.allclose(raw, F.cross_entropy(plain[:, :-1].flatten(0, 1), data["labels"][:, 1:].flatten()))
+    assert model.config.to_dict()[option] is not None
+    # The option matters at this size: the head's raw output is not the model's logits.
+    with torch.no_grad():
+        logits = model(input_ids=data["input_ids"]).logits
+        assert not torch.allclose(model.lm_head(model.model(input_ids=data["input_ids"])[0]), logits, atol=1e-2)
 
 
 def test_lora_on_the_output_head_and_a_4bit_head():
