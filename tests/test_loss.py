@@ -216,3 +216,16 @@ def test_causal_lm_module_trains_on_labelled_rows_and_validates_from_the_same_pa
     assert metrics["val_perplexity"] == pytest.approx(float(reference.compute()), rel=1e-5)
     assert metrics["val_loss"] == pytest.approx(total / count, rel=1e-5)
     assert metrics["val_token_accuracy"] == pytest.approx(correct / count, rel=1e-6)
+
+
+def test_dropout_in_the_head_draws_the_same_mask_when_the_backward_recomputes(monkeypatch):
+    model = make_model("llama").train()
+    attach(model, LoraConfig(r=4, target_modules=["lm_head"], lora_dropout=0.5, init_lora_weights=False))
+    data, params = labelled(), trainable(model)
+    torch.manual_seed(3)
+    recomputed = torch.autograd.grad(causal_lm_loss(model, data, chunk_size=4), params)
+    monkeypatch.setattr("lightning_peft.loss.checkpoint", lambda function, *args, **kwargs: function(*args))
+    torch.manual_seed(3)
+    kept = torch.autograd.grad(causal_lm_loss(model, data, chunk_size=4), params)  # logits kept, not recomputed
+    for grad, expected in zip(recomputed, kept, strict=True):
+        torch.testing.assert_close(grad, expected, atol=1e-6, rtol=1e-6)
