@@ -13,6 +13,7 @@ from lightning_peft.errors import (
     TargetModulesError,
 )
 from lightning_peft.fsdp import PeftFSDPStrategy
+from lightning_peft.loss import causal_lm_loss
 from lightning_peft.merge import MergeCallback, export_merged, merge_adapter
 from lightning_peft.methods import (
     AdaLoraConfig,
@@ -52,6 +53,7 @@ __all__ = [
     "SequenceClassificationModule",
     "TargetModulesError",
     "TextClassificationDataModule",
+    "causal_lm_loss",
     "export_merged",
     "load_adapter",
     "merge_adapter",

@@ -18,11 +18,11 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.aggregation import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
-from torchmetrics.text import Perplexity
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GgufConfig
 
-from lightning_peft.data import IGNORE_INDEX, prompt_text
+from lightning_peft.data import prompt_text
 from lightning_peft.errors import ConfigError
+from lightning_peft.loss import TokenPerplexity, causal_lm_loss
 from lightning_peft.resources import remember_source, resolve_path
 
 Dtype = Literal["float32", "bfloat16", "float16"]
@@ -121,8 +121,8 @@ class CausalLMModule(_TransformerModule):
                                         chat_template)
         self.generate_prompts = list(generate_prompts or [])
         self.max_new_tokens = max_new_tokens
-        for stage in ("val", "test"):
-            setattr(self, f"{stage}_perplexity", Perplexity(ignore_index=IGNORE_INDEX))
+        for stage in ("val", "test"):  # both weighted by each batch's response tokens
+            setattr(self, f"{stage}_perplexity", TokenPerplexity())
             setattr(self, f"{stage}_token_accuracy", MeanMetric())  # share of response tokens predicted exactly
 
     def setup(self, stage: str) -> None:
@@ -146,22 +146,17 @@ class CausalLMModule(_TransformerModule):
         return self.model(**batch, use_cache=False)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self(batch).loss
+        loss = causal_lm_loss(self.model, batch)
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         self._log_lr()
         return loss
 
     def _evaluate(self, batch: dict[str, torch.Tensor], stage: str) -> None:
-        out = self(batch)
-        # Prompt tuning returns logits for its virtual tokens too, in front: keep those of the input's positions.
-        logits = out.logits[:, -batch["labels"].shape[1]:-1].float()
-        targets = batch["labels"][:, 1:]
+        stats = causal_lm_loss(self.model, batch, return_stats=True)  # loss, perplexity and accuracy in one pass
         perplexity, accuracy = getattr(self, f"{stage}_perplexity"), getattr(self, f"{stage}_token_accuracy")
-        perplexity.update(logits, targets)
-        mask = targets != IGNORE_INDEX
-        accuracy.update((logits.argmax(-1) == targets)[mask].float())
-        size = int(mask.sum())
-        self.log(f"{stage}_loss", out.loss, prog_bar=True, batch_size=max(size, 1))
+        perplexity.update(stats.loss, weight=stats.count)
+        accuracy.update(stats.correct / stats.count.clamp(min=1), weight=stats.count)
+        self.log(f"{stage}_loss", stats.loss, prog_bar=True, batch_size=max(int(stats.count), 1))
         self.log(f"{stage}_perplexity", perplexity, prog_bar=True)
         self.log(f"{stage}_token_accuracy", accuracy)
 
