@@ -38,9 +38,15 @@ from typing_extensions import override
 from lightning_peft.errors import ConfigError
 from lightning_peft.methods.base import AdapterConfig
 from lightning_peft.optim import OptimName
-from lightning_peft.quantization import QuantizationConfig, quantize_model, skip_paths, upcast_for_stability
+from lightning_peft.quantization import (
+    QuantizationConfig,
+    is_quantized,
+    quantize_model,
+    skip_paths,
+    upcast_for_stability,
+)
 from lightning_peft.streaming import meta_tensor_names, stream_load
-from lightning_peft.surgery import find_transformer, modules_to_save_paths, resolve_config
+from lightning_peft.surgery import adapter_layers, find_transformer, modules_to_save_paths, resolve_config
 
 
 class PeftStrategyMixin:
@@ -60,6 +66,8 @@ class PeftStrategyMixin:
         self.gradient_checkpointing = gradient_checkpointing
         self.gradient_checkpointing_kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
         self._prepared: list[nn.Module] = []  # a list, not a WeakSet: spawn launchers pickle the strategy
+        self._float32_modules: list[nn.Module] = []  # what prepare_model holds in float32 (norms, heads)
+        self._held: list[tuple[nn.Parameter, torch.Tensor]] = []
 
     @property
     def default_optim(self) -> OptimName:
@@ -88,7 +96,7 @@ class PeftStrategyMixin:
             rank_zero_info(f"Loaded the base weights from {directory}, tensor by tensor.")
         if self.quantization is not None:
             model.requires_grad_(False)
-            upcast_for_stability(model, sorted(keep))
+            self._float32_modules.extend(upcast_for_stability(model, sorted(keep)))
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=self.gradient_checkpointing_kwargs)
             if self.gradient_checkpointing_kwargs.get("use_reentrant"):
@@ -109,7 +117,35 @@ class PeftStrategyMixin:
 
     def setup(self, trainer: pl.Trainer) -> None:
         self.prepare_model(trainer.lightning_module)  # before the parent moves and wraps the model
+        # The parent's setup lets the precision plugin convert the whole module first ("bf16-true": module.to(
+        # bfloat16)). What must keep its dtype is held here and given back before the device move and the wrap.
+        self._held = [(p, p.data) for p in self.dtype_kept_parameters(trainer.lightning_module)
+                      if p.is_floating_point()]
         super().setup(trainer)
+
+    def dtype_kept_parameters(self, pl_module: pl.LightningModule) -> list[nn.Parameter]:
+        """Parameters a precision plugin's conversion must not change: the adapter's (float32 whatever the base
+        dtype), what ``prepare_model`` holds in float32 (norms, modules trained in full; their hooks cast what
+        goes in and out), and the packed data of 4-bit layers, whose float storage dtype is raw bytes, not
+        values."""
+        _, model = find_transformer(pl_module)
+        params = [p for layer in adapter_layers(model).values() for p in layer.adapter_parameters().values()]
+        params += [p for module in self._float32_modules for p in module.parameters()]
+        params += [m.weight for m in model.modules() if is_quantized(m)]
+        return params
+
+    def model_to_device(self) -> None:
+        """Runs right after the precision plugin converted the module (``Strategy.setup``, ``DDPStrategy.setup``):
+        the held parameters get their own data back, bit for bit, then the model moves to the device."""
+        self.restore_held_dtypes()
+        super().model_to_device()
+
+    def restore_held_dtypes(self) -> None:
+        """Give every parameter held at ``setup`` the data it had before the precision plugin's conversion."""
+        for param, data in self._held:
+            if param.data is not data:
+                param.data = data
+        self._held = []
 
     def teardown(self) -> None:
         module = self.lightning_module

@@ -21,6 +21,7 @@ import dataclasses
 from typing import ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -133,8 +134,11 @@ class BottleneckLayer(AdapterLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.base_layer(x)
+        # A 4-bit base sets the adapter path's dtype; the (float32) adapter weights are cast to it, as LoRA does.
         dtype = compute_dtype(self.base_layer) or self.adapter_down.weight.dtype
-        update = self.adapter_up(self.activation(self.adapter_down(h.to(dtype))))
+        down, up = self.adapter_down, self.adapter_up
+        hidden = self.activation(F.linear(h.to(dtype), down.weight.to(dtype), down.bias.to(dtype)))
+        update = F.linear(hidden, up.weight.to(dtype), up.bias.to(dtype))
         return h + update.to(h.dtype)
 
     def unload(self) -> nn.Module:
