@@ -64,8 +64,8 @@ def test_config_runs_two_steps(path, tiny, tmp_path, monkeypatch):
     metrics = list(tmp_path.rglob("metrics.csv"))
     assert metrics and "val_loss" in metrics[0].read_text()
     for callback in config["trainer"].get("callbacks", []):
-        if callback["class_path"] == "lightning_peft.SaveAdapterCallback":
-            written = tmp_path / callback["init_args"]["dirpath"] / "adapter_config.json"
+        if callback["class_path"] == "lightning_peft.SaveAdapterCallback":  # into the run's own log directory
+            written = metrics[0].parent / "adapter" / "adapter_config.json"
             assert json.loads(written.read_text())["peft_type"]
 
 
