@@ -22,14 +22,13 @@ Registered with Lightning's ``StrategyRegistry``: ``"peft"``, ``"peft_ddp"`` (no
 from __future__ import annotations
 
 import os
-from collections.abc import Generator
+from collections.abc import Generator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
@@ -37,7 +36,7 @@ from typing_extensions import override
 
 from lightning_peft.errors import ConfigError
 from lightning_peft.methods.base import AdapterConfig
-from lightning_peft.optim import OptimName
+from lightning_peft.optim import OptimName, repage
 from lightning_peft.quantization import (
     QuantizationConfig,
     is_quantized,
@@ -147,6 +146,14 @@ class PeftStrategyMixin:
                 param.data = data
         self._held = []
 
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        """Resuming: the parent loads the optimizer state and moves it to the device, which turns a paged
+        optimizer's paged state into plain device tensors; it is paged again here."""
+        super().load_optimizer_state_dict(checkpoint)
+        moved = sum(repage(optimizer) for optimizer in self.optimizers)
+        if moved:
+            rank_zero_info(f"Resumed optimizer state: {moved} tensors back in paged memory.")
+
     def teardown(self) -> None:
         module = self.lightning_module
         if module is not None and meta_tensor_names(module):
@@ -180,7 +187,8 @@ class PeftStrategy(PeftStrategyMixin, SingleDeviceStrategy):
             ``name_or_path``.
         gradient_checkpointing: recompute activations in backward (transformers' own checkpointing).
         gradient_checkpointing_kwargs: passed to ``torch.utils.checkpoint``; default ``{"use_reentrant": False}``.
-        device: default: the first GPU when the trainer's accelerator is CUDA, else the CPU.
+        device: default: the Trainer's device (``accelerator`` and ``devices``, e.g. ``devices=[1]`` for the second
+            GPU).
 
     Example::
 
@@ -202,15 +210,28 @@ class PeftStrategy(PeftStrategyMixin, SingleDeviceStrategy):
         super().__init__(device=device or "cpu", **kwargs)
         self._device = None if device is None else torch.device(device)
         self._init_peft(quantization, checkpoint_dir, gradient_checkpointing, gradient_checkpointing_kwargs)
+        # The Trainer fills this from its accelerator and ``devices`` flag (``devices=[1]``: [cuda:1]) on any
+        # strategy that has the attribute, as it does for its parallel strategies.
+        self.parallel_devices: list[torch.device] | None = None
 
     @property
     @override
     def root_device(self) -> torch.device:
         if self._device is not None:
             return self._device
-        if isinstance(self.accelerator, CUDAAccelerator):
-            return torch.device("cuda", torch.cuda.current_device())
+        if self.parallel_devices:
+            return torch.device(self.parallel_devices[0])
         return torch.device("cpu")
+
+    @override
+    def setup_environment(self) -> None:
+        if self._device is None and self.parallel_devices and len(self.parallel_devices) > 1:
+            raise ConfigError(
+                f"PeftStrategy trains on one device, but the Trainer was given {len(self.parallel_devices)} "
+                f"({', '.join(str(d) for d in self.parallel_devices)}). Pass one (devices=1 or devices=[N]), or use "
+                f"strategy='peft_ddp' / 'qlora_ddp' for several."
+            )
+        super().setup_environment()
 
 
 class PeftDDPStrategy(PeftStrategyMixin, DDPStrategy):
