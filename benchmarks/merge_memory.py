@@ -9,7 +9,10 @@ high-water mark, reset just before with ``/proc/self/clear_refs``):
 
 - ``streaming``: ``export_merged`` (one layer merged at a time, each tensor written as it comes);
 - ``whole dict``: the same merged tensors gathered in one state dict, then written with safetensors'
-  ``save_file``, which is what ``save_pretrained(state_dict=...)`` amounts to.
+  ``save_file`` into the same atomic directory, which is what ``save_pretrained(state_dict=...)`` amounts to.
+
+Before the baseline is read, ``malloc_trim`` returns to the system the heap that building and quantizing the
+model freed, so the export cannot hide its working set in memory the process already held.
 
 Usage: ``python benchmarks/merge_memory.py [--accelerator cuda] [--quick] [--out FILE]`` (default
 ``benchmarks/MERGE.md``, ``MERGE-cuda.md`` on CUDA; ``--quick``: 8 layers).
@@ -18,6 +21,7 @@ Usage: ``python benchmarks/merge_memory.py [--accelerator cuda] [--quick] [--out
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import platform
@@ -46,6 +50,7 @@ def run(side: str, out: str, device: str, layers: int) -> dict:
     from safetensors.torch import save_file
 
     from lightning_peft import LoraConfig, QuantizationConfig, export_merged
+    from lightning_peft.atomic import atomic_directory
     from lightning_peft.merge import merged_tensors
     from lightning_peft.quantization import quantize_model, skip_paths
     from lightning_peft.surgery import attach
@@ -58,15 +63,15 @@ def run(side: str, out: str, device: str, layers: int) -> dict:
     quantize_model(model, config, device, skip_paths(model, config))
     model.to(device)  # what stays unquantized (embeddings, norms, head)
     attach(model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, init_lora_weights=False))
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand back the heap that building the model freed: no hidden reserve
     before = status_bytes("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # the high-water mark starts again from the current set
     start = time.perf_counter()
     if side == "streaming":
         export_merged(model, out, dtype="bfloat16")
     else:
-        os.makedirs(out)
-        save_file(dict(merged_tensors(model, torch.bfloat16)), os.path.join(out, "model.safetensors"),
-                  metadata={"format": "pt"})
+        with atomic_directory(out) as tmp:  # written as durably as export_merged writes (fsync, rename)
+            save_file(dict(merged_tensors(model, torch.bfloat16)), tmp / "model.safetensors", metadata={"format": "pt"})
     seconds = time.perf_counter() - start
     size = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
     return {"params": params, "before": before, "peak": status_bytes("VmHWM"), "file": size, "seconds": seconds,
@@ -130,7 +135,9 @@ def main() -> None:
         extra = r["peak"] - r["before"]
         lines.append(f"| {side} | {r['file'] / mb:.0f} | {r['before'] / mb:.0f} | {r['peak'] / mb:.0f} | "
                      f"{extra / mb:.0f} | {extra / r['file']:.2f} | {r['seconds']:.1f} |")
-    lines.append("")
+    lines += ["", f"Load average (1, 5, 15 min) at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())} on "
+              f"{os.cpu_count()} cores: on a shared machine the seconds carry other work's noise; the memory does "
+              f"not.", ""]
     out.write_text("\n".join(lines))
     print("\n".join(lines))
 

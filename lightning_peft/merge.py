@@ -30,7 +30,7 @@ from typing_extensions import override
 from lightning_peft.atomic import atomic_directory, output_directory
 from lightning_peft.errors import AdapterMismatchError, ConfigError
 from lightning_peft.methods.base import AdapterLayer
-from lightning_peft.quantization import dequantize, dequantize_module, is_quantized
+from lightning_peft.quantization import dequantize, dequantize_module, dequantized_dtype, is_quantized
 from lightning_peft.shards import DEFAULT_SHARD_SIZE, write_sharded
 from lightning_peft.surgery import adapter_layers, find_transformer, set_submodule
 
@@ -70,6 +70,12 @@ def merged_tensors(model: nn.Module, dtype: torch.dtype | None = None) -> Iterat
     device the model is on; ``model`` is unchanged. Only one adapted or quantized layer is merged (dequantized) at
     once, so the whole dense model never exists in memory. A tensor tied to one named before (the output
     embedding) is left out, as ``save_pretrained`` does; ``from_pretrained`` ties it again."""
+    return _merged(model, dtype, plan=False)
+
+
+def _merged(model: nn.Module, dtype: torch.dtype | None, plan: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """``merged_tensors``; with ``plan``, meta tensors of the same names, shapes and dtypes wherever they are
+    known without computing (all but the adapted layers, whose merge rule is their own)."""
     _, hf = find_transformer(model)
     layers = adapter_layers(hf)
     if not layers:
@@ -85,11 +91,23 @@ def merged_tensors(model: nn.Module, dtype: torch.dtype | None = None) -> Iterat
                 if ident in seen:
                     continue
                 seen.add(ident)
-                yield key, _cast(tensor.detach(), dtype)
+                yield key, (_meta(tensor.shape, tensor.dtype, dtype) if plan else _cast(tensor.detach(), dtype))
             elif owner not in done:
                 done.add(owner)
-                for name, value in _merged_layer(replaced[owner]).items():
-                    yield f"{owner}.{name}", _cast(value, dtype)
+                module = replaced[owner]
+                if plan and not isinstance(module, AdapterLayer):
+                    merged = {"weight": _meta((module.out_features, module.in_features), dequantized_dtype(module),
+                                              dtype)}
+                    if module.bias is not None:
+                        merged["bias"] = _meta(module.bias.shape, module.bias.dtype, dtype)
+                else:
+                    merged = {k: _cast(v, dtype) for k, v in _merged_layer(module).items()}
+                for name, value in merged.items():
+                    yield f"{owner}.{name}", value
+
+
+def _meta(shape: torch.Size | tuple[int, ...], own: torch.dtype, dtype: torch.dtype | None) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype if dtype is not None and own.is_floating_point else own, device="meta")
 
 
 def _merged_layer(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -124,12 +142,13 @@ def export_merged(
 
     The merge runs where the model is (a GPU, for a model trained there) and each merged tensor goes straight to
     the safetensors file(s) (``safetensors_writer``): host memory holds one tensor at a time, never the dense
-    model. Layers are merged twice, once to learn the shapes the file header lists first, once to write.
+    model. The adapted layers are merged twice, once to learn the shapes the file header lists first, once to
+    write; everything else is planned from its shape.
     Files of more than ``max_shard_size`` bytes are split as ``save_pretrained`` splits them.
     """
     _, hf = find_transformer(model)
     torch_dtype = _torch_dtype(dtype)
-    plan = [(key, tensor.dtype, tuple(tensor.shape)) for key, tensor in merged_tensors(hf, torch_dtype)]
+    plan = [(key, tensor.dtype, tuple(tensor.shape)) for key, tensor in _merged(hf, torch_dtype, plan=True)]
     config = copy.deepcopy(hf.config)
     config.dtype = torch_dtype or hf.dtype
     for attr in ("quantization_config", "_pre_quantization_dtype"):

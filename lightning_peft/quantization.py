@@ -163,10 +163,18 @@ def dequantize(layer: nn.Module) -> torch.Tensor:
             # Some CPUs repack 4-bit weights for a faster inference kernel; undo it (non-destructively).
             data, state = bnb_f._convert_weight_packed_for_cpu_inverse(data, state)
         dense = bnb_f.dequantize_4bit(data, state).reshape(layer.out_features, layer.in_features)
-        return dense.to(layer.compute_dtype or dense.dtype)
+        return dense.to(dequantized_dtype(layer))
     # LLM.int8(): int8 rows scaled by their absmax / 127. The scales move to layer.state after the first forward.
     scales = weight.SCB if getattr(weight, "SCB", None) is not None else layer.state.SCB
-    return bnb_f.int8_vectorwise_dequant(weight.data, scales)
+    return bnb_f.int8_vectorwise_dequant(weight.data, scales).to(dequantized_dtype(layer))
+
+
+def dequantized_dtype(layer: nn.Module) -> torch.dtype:
+    """The dtype ``dequantize(layer)`` returns, known without dequantizing (export plans)."""
+    if getattr(layer, "compute_dtype", None) is not None:  # 4-bit
+        return layer.compute_dtype
+    state = getattr(layer.weight, "quant_state", None)
+    return state.dtype if state is not None else torch.float32
 
 
 def dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:

@@ -11,6 +11,12 @@ in a strategy hook instead would need one that runs before callbacks' ``setup`` 
 there is none. ``strategy.setup`` also calls ``prepare_model`` (a no-op when done) for a run without the
 callback; either way it happens before ``model_to_device()`` and before the DDP wrap.
 
+Precision: ``strategy.setup`` lets the precision plugin convert the whole module (``"bf16-true"``:
+``module.to(bfloat16)``) and then calls ``model_to_device()``. What must keep its dtype (the float32 adapter, the
+norms and heads ``prepare_model`` holds in float32, the packed data of 4-bit layers) is held at the start of
+``setup`` and given back, the very tensors, in ``model_to_device`` before the move: the only public step between
+the conversion and the DDP wrap.
+
 Which directory streaming reads: ``checkpoint_dir`` when given, else the meta model's ``name_or_path``, which
 ``AutoConfig.from_pretrained(path)`` records. A model that already holds weights is quantized in place and
 never read from disk. ``trainer.init_module(empty_init=True)`` creates the model on the meta device.
