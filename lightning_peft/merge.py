@@ -141,10 +141,10 @@ def export_merged(
     """Write ``model`` with its adapter merged as a plain transformers directory (atomically).
 
     The merge runs where the model is (a GPU, for a model trained there) and each merged tensor goes straight to
-    the safetensors file(s) (``safetensors_writer``): host memory holds one tensor at a time, never the dense
+    the safetensors file(s) (``shards.write_sharded``): host memory holds one tensor at a time, never the dense
     model. The adapted layers are merged twice, once to learn the shapes the file header lists first, once to
-    write; everything else is planned from its shape.
-    Files of more than ``max_shard_size`` bytes are split as ``save_pretrained`` splits them.
+    write; everything else is planned from its shape. Files of more than ``max_shard_size`` bytes are split as
+    ``save_pretrained`` splits them.
     """
     _, hf = find_transformer(model)
     torch_dtype = _torch_dtype(dtype)
