@@ -14,10 +14,14 @@
 # to $GPU_CHECK_DIR (default: a new temporary directory), which is printed.
 set -uo pipefail
 
-VENV="${1:-.venv}"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${1:-$ROOT/.venv}"
+case "$VENV" in
+    /*) ;;
+    *) VENV="$PWD/$VENV" ;;  # relative to where the command was started, before the cd below
+esac
 PY="$VENV/bin/python"
 CLI="$VENV/bin/lightning-peft"
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT" || exit 1
 
 fail() {
