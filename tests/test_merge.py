@@ -24,6 +24,7 @@ from lightning_peft import (
     SaveAdapterCallback,
     export_merged,
 )
+from lightning_peft.shards import DEFAULT_SHARD_SIZE, write_sharded
 from lightning_peft.surgery import adapter_layers, attach
 
 
@@ -162,3 +163,13 @@ def test_quantized_base_merges_on_the_gpu_before_teardown(tmp_path, bits):
     assert torch.equal(exported["model.layers.0.self_attn.q_proj.weight"], expected.weight)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert torch.isfinite(merged(**batch()).logits).all()
+
+
+def test_shard_writer_refuses_a_tensor_the_header_did_not_plan(tmp_path):
+    plan = [("a", torch.float32, (2, 3)), ("b", torch.bfloat16, (4,))]
+    tensors = [("a", torch.ones(2, 3)), ("b", torch.ones(4, dtype=torch.float32))]  # b: not the planned dtype
+    with pytest.raises(RuntimeError, match="does not match the planned"):
+        write_sharded(tmp_path, plan, tensors, DEFAULT_SHARD_SIZE)
+    write_sharded(tmp_path, plan, [tensors[0], ("b", torch.arange(4).to(torch.bfloat16))], DEFAULT_SHARD_SIZE)
+    written = load_file(tmp_path / "model.safetensors")
+    assert torch.equal(written["a"], torch.ones(2, 3)) and written["b"].tolist() == [0, 1, 2, 3]
