@@ -1,8 +1,8 @@
-# The two commands of the README. Both create .venv on first use (CPU torch when there is no GPU).
+# The commands of the README. Each creates .venv on first use (CPU torch when there is no GPU).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test env
+.PHONY: demo test env gpu-check
 
 env: $(VENV)/.installed
 
@@ -15,3 +15,7 @@ demo: env
 
 test: env
 	$(PY) -m pytest
+
+# The checks that need a CUDA GPU (tests, setup memory of a ~1B QLoRA run, resume, benchmarks): one table.
+gpu-check: env
+	bash scripts/gpu_check.sh $(VENV)

