@@ -21,6 +21,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from torchmetrics.text import Perplexity
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GgufConfig
 
+from lightning_peft.checkpoint import restore_adapter
 from lightning_peft.data import IGNORE_INDEX, prompt_text
 from lightning_peft.errors import ConfigError
 from lightning_peft.resources import resolve_path
@@ -80,6 +81,11 @@ class _TransformerModule(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Checkpoints written under PeftCallback hold the adapter only: inject it (unless PeftCallback did), so
+        ``load_from_checkpoint`` and ``trainer.validate(ckpt_path=...)`` work without the callback."""
+        restore_adapter(self, checkpoint)
 
     def _log_lr(self) -> None:
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
