@@ -58,7 +58,13 @@ def load_pretrained(auto_class: Any, path: str, gguf_file: str | None = None, dt
 
 
 class _TransformerModule(L.LightningModule):
-    """Optimizer and schedule shared by the built-in modules: AdamW over what trains, linear warmup, cosine decay."""
+    """Optimizer and schedule shared by the built-in modules: AdamW over what trains, linear warmup, cosine decay.
+
+    Args:
+        learning_rate: the run's peak learning rate (this module builds the optimizer, so PeftCallback's stays unset).
+        weight_decay: AdamW's weight decay.
+        warmup_steps: steps of linear warmup before the cosine decay to a tenth of the rate.
+    """
 
     def __init__(self, learning_rate: float, weight_decay: float, warmup_steps: int) -> None:
         super().__init__()
