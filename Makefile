@@ -1,5 +1,6 @@
 # The two commands of the README. Both create .venv on first use (CPU torch when there is no GPU).
 VENV ?= .venv
+PYTEST_ARGS ?=
 PY := $(VENV)/bin/python
 
 .PHONY: demo test env
@@ -14,4 +15,4 @@ demo: env
 	bash scripts/demo.sh $(VENV)
 
 test: env
-	$(PY) -m pytest
+	$(PY) -m pytest $(PYTEST_ARGS)
