@@ -77,9 +77,12 @@ def test_callback_optimizer_settings_beside_a_module_optimizer_are_refused():
 
 
 def test_parameter_counts_are_logged(caplog):
+    module = CausalLM()
     with caplog.at_level("INFO"):
-        trainer(callbacks=[PeftCallback(LoraConfig(**LORA))], max_steps=1).fit(CausalLM(), loader())
-    assert "trainable params: 7,168 || all params:" in caplog.text
+        trainer(callbacks=[PeftCallback(LoraConfig(**LORA))], max_steps=1).fit(module, loader())
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in module.parameters())
+    assert trainable == 7_168 and f"{trainable:,}" in caplog.text and f"{total:,}" in caplog.text
 
 
 def test_configure_model_that_rebuilds_the_model_is_refused():

@@ -105,7 +105,11 @@ def test_print_config_output_runs_unchanged(tiny_lm, tmp_path, capsys):
               "--trainer.val_check_interval=2", "--print_config"])
     printed = tmp_path / "printed.yaml"
     printed.write_text(capsys.readouterr().out)
-    assert yaml.safe_load(printed.read_text())["trainer"]["max_steps"] == 2
+    content = yaml.safe_load(printed.read_text())
+    assert content["trainer"]["max_steps"] == 2
+    # One learning rate: the module's; PeftCallback's applies only to a module that configures no optimizer.
+    assert content["model"]["init_args"]["learning_rate"] == 1e-2
+    assert content["trainer"]["callbacks"][0]["init_args"]["learning_rate"] is None
     main(["fit", "--config", str(printed)])
     assert "val_loss" in (run_dir(tmp_path) / "metrics.csv").read_text()
 
