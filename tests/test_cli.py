@@ -12,7 +12,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from lightning_peft import ConfigError
+from lightning_peft import CausalLMModule, ConfigError, load_adapter
 from lightning_peft.cli import main
 from tiny_assets import save_tiny_causal_lm, save_tiny_encoder
 
@@ -216,6 +216,15 @@ def test_validate_from_a_checkpoint_without_peft_callback(fitted, tmp_path):
         metrics = (tmp_path / "tiny" / name / "metrics.csv").read_text().splitlines()
         losses[name] = dict(zip(metrics[0].split(","), metrics[1].split(",")))["val_loss"]
     assert losses["with"] == losses["without"]
+
+
+def test_built_in_module_loads_from_its_checkpoint_alone(fitted, tiny_lm):
+    (checkpoint,) = (fitted / "runs").rglob("*.ckpt")
+    module = CausalLMModule.load_from_checkpoint(checkpoint)
+    reference = load_adapter(AutoModelForCausalLM.from_pretrained(tiny_lm), fitted / "adapter")
+    ids = torch.tensor([[1, 5, 9, 12, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(module.model.eval()(ids).logits, reference.eval()(ids).logits)
 
 
 def test_help_lists_every_subcommand(capsys):
