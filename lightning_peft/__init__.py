@@ -3,6 +3,7 @@
 from lightning_peft.adapter_callback import SaveAdapterCallback
 from lightning_peft.adapter_io import load_adapter, save_adapter
 from lightning_peft.callback import PeftCallback
+from lightning_peft.checkpoint import restore_adapter
 from lightning_peft.data import ChatDataModule, TextClassificationDataModule
 from lightning_peft.errors import (
     AdapterFileError,
@@ -13,6 +14,7 @@ from lightning_peft.errors import (
     TargetModulesError,
 )
 from lightning_peft.fsdp import PeftFSDPStrategy
+from lightning_peft.loss import causal_lm_loss
 from lightning_peft.merge import MergeCallback, export_merged, merge_adapter
 from lightning_peft.methods import (
     AdaLoraConfig,
@@ -52,8 +54,10 @@ __all__ = [
     "SequenceClassificationModule",
     "TargetModulesError",
     "TextClassificationDataModule",
+    "causal_lm_loss",
     "export_merged",
     "load_adapter",
     "merge_adapter",
+    "restore_adapter",
     "save_adapter",
 ]

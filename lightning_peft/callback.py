@@ -5,20 +5,23 @@ Hooks, in Lightning's order of events:
 - ``setup`` (before ``configure_model`` and before the strategy moves, wraps and builds optimizers): the model
   is built now if the module creates it in ``configure_model``, prepared by a ``PeftStrategy`` (quantized,
   streamed in from its checkpoint), then the adapter is injected and the base frozen (a model already wrapped by
-  HF PEFT's ``get_peft_model`` is refused first), so DDP/FSDP wrap the adapted model and ``configure_optimizers`` sees it. ``configure_model`` is called a second
-  time here: one that builds a new model each call (Lightning's call would drop the adapted one) is refused with
-  the one-line fix before any optimizer exists; no public hook runs later and still before them. Under FSDP it takes
+  HF PEFT's ``get_peft_model`` is refused first), so DDP/FSDP wrap the adapted model and ``configure_optimizers``
+  sees it. ``configure_model`` is called a second time here: one that builds a new model each call (Lightning's
+  call would drop the adapted one) is refused with the one-line fix before any optimizer exists; no public hook
+  runs later and still before them. Under FSDP it takes
   ``PeftFSDPStrategy``, which keeps the adapter whole on every rank (``fsdp.py``); Lightning's ``FSDPStrategy``,
   which would shard it, is refused. Parameter counts are taken here, before FSDP shards the base.
 - ``on_fit_start`` (optimizers exist, training state not yet restored): frozen tensors are dropped from the
-  optimizers, or an optimizer over the adapter is built if the module configured none; parameters a method
-  trains at another rate (LoRA+'s B matrices) move to param groups of their own; parameter counts logged. Before
-  that, the doctor's checks (``doctor.py``: targets, learning rate, alpha/r, tokenizer, data, checkpointing...)
-  log their warnings and stop the run on an error, before any step.
+  module's optimizers, or an optimizer over the adapter is built if the module configured none; optimizers that
+  hold no adapter parameter are refused, never replaced; parameters a method trains at another rate (LoRA+'s B
+  matrices) move to param groups of their own; parameter counts logged. Before that, the doctor's checks
+  (``doctor.py``: targets, learning rate, alpha/r, tokenizer, data, checkpointing...) log their warnings and stop
+  the run on an error, before any step.
 - the first training batch (``on_train_batch_start``, ``on_after_backward``, ``on_train_batch_end``): labels that
   copy the inputs are warned about; a first backward that reaches no adapter parameter, or no backward at all
   (``training_step`` returned None), stops the run before the optimizer steps.
-- ``on_save_checkpoint``: the checkpoint keeps only what trains (plus the adapter's record), never the base.
+- ``on_save_checkpoint``: the checkpoint keeps only what trains (plus the adapter's record), never the base
+  (``checkpoint.py``).
 
 A method may add work to each training step (``AdapterConfig.training_hooks``; AdaLoRA does):
 
@@ -31,7 +34,8 @@ A method may add work to each training step (``AdapterConfig.training_hooks``; A
 - ``on_train_batch_end``: after a batch that stepped the optimizer, the method's ``after_optimizer_step`` runs
   (AdaLoRA's rank allocation), with the gradients still in place: Lightning zeroes them only at the next step.
 - ``state_dict`` / ``load_state_dict``: the method's training state (importance scores, masks) rides in the
-  checkpoint with the callback's, so a resumed run continues the same schedule.
+  checkpoint with the callback's, so a resumed run continues the same schedule; it is moved to each rank's
+  device when restored.
 """
 
 from __future__ import annotations
@@ -44,13 +48,13 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import FSDPStrategy
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import move_data_to_device, rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_hasattr
 from torch.distributed.fsdp import FullyShardedDataParallel
 from typing_extensions import override
 
-from lightning_peft.adapter_io import FINGERPRINT_KEY
-from lightning_peft.checkpoint import AdapterCheckpointIO
+from lightning_peft.checkpoint import PEFT_KEY, AdapterCheckpointIO, adapter_keys, adapter_record
 from lightning_peft.doctor import (
     diagnose,
     first_step_findings,
@@ -61,12 +65,13 @@ from lightning_peft.doctor import (
     wrapped_findings,
 )
 from lightning_peft.errors import AdapterMismatchError, ConfigError
-from lightning_peft.fingerprint import base_fingerprint
 from lightning_peft.fsdp import PeftFSDPStrategy, clean_name
 from lightning_peft.methods.base import AdapterConfig, TrainingHooks
 from lightning_peft.optim import OptimName, build_optimizer, split_lr_groups
 from lightning_peft.strategy import PeftStrategyMixin
-from lightning_peft.surgery import active_config, adapter_layers, attach, count_parameters, find_transformer
+from lightning_peft.surgery import active_config, attach, count_parameters, find_transformer
+
+DEFAULT_LEARNING_RATE = 2e-4  # for a module that configures no optimizer and names no learning rate
 
 
 _REBUILDS = (
@@ -82,8 +87,16 @@ class PeftCallback(Callback):
 
     Args:
         adapter: the method and its hyper-parameters, e.g. ``LoraConfig(r=16, target_modules=["q_proj", "v_proj"])``.
-        learning_rate, weight_decay, optim: used only when the module's ``configure_optimizers`` returns None;
-            then an optimizer over the adapter's parameters is built (``optim`` as in transformers).
+        learning_rate: only for a module whose ``configure_optimizers`` returns None: the rate of the optimizer
+            built over the adapter's parameters. Default: the module's ``learning_rate`` (or ``lr``) attribute or
+            hyper-parameter, else 2e-4.
+        weight_decay: only for a module whose ``configure_optimizers`` returns None (default 0).
+        optim: only for a module whose ``configure_optimizers`` returns None: the optimizer, named as in
+            transformers (default ``"auto"``: paged AdamW on CUDA, torch's AdamW elsewhere).
+
+    A module that configures its own optimizers keeps them, and its learning rate; they must hold the adapter's
+    parameters (``self.parameters()`` is fine: frozen ones are removed). Setting these three as well is refused,
+    as they would do nothing.
 
     Example::
 
@@ -93,9 +106,9 @@ class PeftCallback(Callback):
     def __init__(
         self,
         adapter: AdapterConfig,
-        learning_rate: float = 2e-4,
-        weight_decay: float = 0.0,
-        optim: OptimName = "auto",
+        learning_rate: float | None = None,
+        weight_decay: float | None = None,
+        optim: OptimName | None = None,
     ) -> None:
         if not isinstance(adapter, AdapterConfig):
             raise TypeError(f"adapter must be an adapter config such as LoraConfig(...), got {type(adapter).__name__}.")
@@ -104,7 +117,6 @@ class PeftCallback(Callback):
         self.weight_decay = weight_decay
         self.optim = optim
         self._module: pl.LightningModule | None = None
-        self._prefix = ""
         self._hooks: TrainingHooks | None = None
         self._hooks_state: dict[str, Any] = {}
         self._stepped = False
@@ -135,10 +147,10 @@ class PeftCallback(Callback):
                 pl_module.configure_model()
             if find_transformer(pl_module)[1] is not built:
                 raise ConfigError(_REBUILDS)
-        self._prefix, model = find_transformer(pl_module)
+        _, model = find_transformer(pl_module)
+        report(wrapped_findings(pl_module))
         if isinstance(trainer.strategy, PeftStrategyMixin):
             trainer.strategy.prepare_model(pl_module, self.adapter)  # quantize / stream in the base first
-        report(wrapped_findings(pl_module))
         if active_config(model) is None:
             if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
                 raise ConfigError(
@@ -167,8 +179,7 @@ class PeftCallback(Callback):
         self._split_lr_groups(trainer, model)
         steps = trainer.estimated_stepping_batches
         self._hooks = active_config(model).training_hooks(model, int(steps) if math.isfinite(steps) else None)
-        if self._hooks is not None and self._hooks_state:
-            self._hooks.load_state_dict(self._hooks_state)
+        self._restore_hooks_state()
         trainable, total = self._counts
         rank_zero_info(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
 
@@ -178,7 +189,7 @@ class PeftCallback(Callback):
         trainable = {id(p) for p in pl_module.parameters() if p.requires_grad}
         groups = [(opt, g) for opt in trainer.optimizers for g in opt.param_groups
                   if any(id(p) in trainable for p in g["params"])]
-        lr, optimizer = self.learning_rate, "AdamW" if self.optim == "auto" else self.optim
+        lr, optimizer = self.built_learning_rate(pl_module), self.optim if self.optim not in (None, "auto") else "AdamW"
         if groups:
             lr, optimizer = groups[0][1].get("initial_lr", groups[0][1]["lr"]), type(groups[0][0]).__name__
         facts = run_facts(model, self.adapter, pl_module, trainer.datamodule, trainer.strategy, lr, optimizer)
@@ -189,17 +200,25 @@ class PeftCallback(Callback):
         trainable = [p for p in pl_module.parameters() if p.requires_grad]
         trainable_ids = {id(p) for p in trainable}
         optimized = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
-        if not optimized & trainable_ids:
-            optim = self.optim
-            if optim == "auto" and isinstance(trainer.strategy, PeftStrategyMixin):
-                optim = trainer.strategy.default_optim
-            trainer.optimizers = [
-                build_optimizer(trainable, optim, self.learning_rate, self.weight_decay,
-                                on_cuda=pl_module.device.type == "cuda")
-            ]
-            rank_zero_info(f"No optimizer from configure_optimizers: built {type(trainer.optimizers[0]).__name__} "
-                           f"(lr={self.learning_rate}) over {len(trainable)} adapter tensors.")
+        own = {id(p) for p in pl_module.parameters()}
+        if not optimized & own:  # configure_optimizers returned None (Lightning's placeholder holds no parameter)
+            trainer.optimizers = [self._build_optimizer(trainer, pl_module, trainable)]
             return
+        given = {name: value for name, value in (("learning_rate", self.learning_rate),
+                                                 ("weight_decay", self.weight_decay), ("optim", self.optim))
+                 if value is not None}
+        if given:
+            raise ConfigError(
+                f"PeftCallback({', '.join(f'{k}={v!r}' for k, v in given.items())}) would do nothing: "
+                f"{type(pl_module).__name__}.configure_optimizers builds the optimizer. Set these in the module, or "
+                f"return None from configure_optimizers to let PeftCallback build one over the adapter."
+            )
+        if not optimized & trainable_ids:
+            raise ConfigError(
+                f"The optimizers from {type(pl_module).__name__}.configure_optimizers hold none of the adapter's "
+                f"{len(trainable)} trainable tensors, so the adapter would not train. Pass self.parameters() to the "
+                f"optimizer (frozen ones are removed for you), or return None to let PeftCallback build one."
+            )
         dropped = 0
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:
@@ -212,6 +231,26 @@ class PeftCallback(Callback):
         if left_out:
             rank_zero_warn(f"{len(left_out)} trainable adapter tensors are in no optimizer and will not train; "
                            f"pass self.parameters() (frozen ones are removed for you).")
+
+    def built_learning_rate(self, pl_module: pl.LightningModule) -> float:
+        """The learning rate of the optimizer built for a module whose ``configure_optimizers`` returns None."""
+        if self.learning_rate is not None:
+            return self.learning_rate
+        found = [name for name in ("learning_rate", "lr") if lightning_hasattr(pl_module, name)]
+        return float(lightning_getattr(pl_module, found[0])) if found else DEFAULT_LEARNING_RATE
+
+    def _build_optimizer(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                         params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        """The optimizer over the adapter for a module that configures none."""
+        learning_rate = self.built_learning_rate(pl_module)
+        optim = self.optim or "auto"
+        if optim == "auto" and isinstance(trainer.strategy, PeftStrategyMixin):
+            optim = trainer.strategy.default_optim
+        optimizer = build_optimizer(params, optim, learning_rate, self.weight_decay or 0.0,
+                                    on_cuda=pl_module.device.type == "cuda")
+        rank_zero_info(f"configure_optimizers returned None: built {type(optimizer).__name__} (lr={learning_rate}) "
+                       f"over {len(params)} adapter tensors.")
+        return optimizer
 
     def _split_lr_groups(self, trainer: pl.Trainer, model: torch.nn.Module) -> None:
         """Give the parameters the method trains at another rate (LoRA+'s B matrices) param groups of their own, in
@@ -274,34 +313,28 @@ class PeftCallback(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._hooks_state = state_dict.get("training_hooks", {})
-        if self._hooks is not None and self._hooks_state:  # restored after on_fit_start
-            self._hooks.load_state_dict(self._hooks_state)
+        self._restore_hooks_state()  # when Lightning restores after on_fit_start
 
-    def checkpoint_keys(self, pl_module: pl.LightningModule) -> set[str]:
-        """State-dict keys a checkpoint keeps: every trainable parameter and every adapter tensor."""
-        keys = {clean_name(name) for name, p in pl_module.named_parameters() if p.requires_grad}
-        prefix = f"{self._prefix}." if self._prefix else ""
-        for path, layer in adapter_layers(find_transformer(pl_module)[1]).items():
-            keys.update(clean_name(f"{prefix}{path}.{name}") for name in layer.adapter_parameters())
-        return keys
+    def _restore_hooks_state(self) -> None:
+        """Hand the saved training state to the method, on this rank's device: checkpoints are read onto the CPU."""
+        if self._hooks is not None and self._hooks_state and self._module is not None:
+            self._hooks.load_state_dict(move_data_to_device(self._hooks_state, self._module.device))
 
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        keys = self.checkpoint_keys(pl_module)
+        keys = adapter_keys(pl_module)
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
-        model = find_transformer(pl_module)[1]
-        checkpoint["peft"] = {"adapter_config": active_config(model).to_dict(), "model_prefix": self._prefix,
-                              FINGERPRINT_KEY: base_fingerprint(model)}
+        checkpoint[PEFT_KEY] = adapter_record(pl_module)
 
     def _adapter_only(self, checkpoint: dict[str, Any]) -> None:
         """Trim a checkpoint that did not pass through ``on_save_checkpoint``: Lightning skips callbacks' hooks
         for weights-only saves (``ModelCheckpoint(save_weights_only=True)``), which would write the whole base."""
-        if "peft" not in checkpoint and self._module is not None:
+        if PEFT_KEY not in checkpoint and self._module is not None:
             self.on_save_checkpoint(self._module.trainer, self._module, checkpoint)
 
     def _validate_checkpoint(self, checkpoint: dict[str, Any], path: str) -> None:
         """Refuse, before Lightning restores anything, a checkpoint whose tensors do not fit the adapted module."""
-        meta = checkpoint.get("peft")
+        meta = checkpoint.get(PEFT_KEY)
         if self._module is None or not isinstance(meta, dict):
             raise AdapterMismatchError(
                 f"{path} was not written under PeftCallback (it has no adapter record); resume from a checkpoint "
@@ -317,7 +350,7 @@ class PeftCallback(Callback):
         state = checkpoint.get("state_dict", {})
         # Parameters, not state_dict(): under FSDP that would gather the base on every rank.
         own = {clean_name(n): p for n, p in self._module.named_parameters(remove_duplicate=False)}
-        expected = self.checkpoint_keys(self._module)
+        expected = adapter_keys(self._module)
         missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
         wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state.keys() & expected
                  if state[k].shape != own[k].shape]

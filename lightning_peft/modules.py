@@ -18,7 +18,6 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.aggregation import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
-from torchmetrics.text import Perplexity
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -29,8 +28,10 @@ from transformers import (
 )
 
 from lightning_peft.callback import PeftCallback
-from lightning_peft.data import IGNORE_INDEX, prompt_text
+from lightning_peft.checkpoint import restore_adapter
+from lightning_peft.data import prompt_text
 from lightning_peft.errors import ConfigError
+from lightning_peft.loss import TokenPerplexity, causal_lm_loss
 from lightning_peft.resources import remember_source, resolve_path
 from lightning_peft.surgery import adapter_layers
 
@@ -68,7 +69,13 @@ def load_pretrained(auto_class: Any, path: str, gguf_file: str | None = None, dt
 
 
 class _TransformerModule(L.LightningModule):
-    """Optimizer and schedule shared by the built-in modules: AdamW over what trains, linear warmup, cosine decay."""
+    """Optimizer and schedule shared by the built-in modules: AdamW over what trains, linear warmup, cosine decay.
+
+    Args:
+        learning_rate: the run's peak learning rate (this module builds the optimizer, so PeftCallback's stays unset).
+        weight_decay: AdamW's weight decay.
+        warmup_steps: steps of linear warmup before the cosine decay to a tenth of the rate.
+    """
 
     def __init__(self, learning_rate: float, weight_decay: float, warmup_steps: int) -> None:
         super().__init__()
@@ -114,6 +121,11 @@ class _TransformerModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Checkpoints written under PeftCallback hold the adapter only: inject it (unless PeftCallback did), so
+        ``load_from_checkpoint`` and ``trainer.validate(ckpt_path=...)`` work without the callback."""
+        restore_adapter(self, checkpoint)
+
     def _log_lr(self) -> None:
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
 
@@ -154,8 +166,8 @@ class CausalLMModule(_TransformerModule):
                                         chat_template)
         self.generate_prompts = list(generate_prompts or [])
         self.max_new_tokens = max_new_tokens
-        for stage in ("val", "test"):
-            setattr(self, f"{stage}_perplexity", Perplexity(ignore_index=IGNORE_INDEX))
+        for stage in ("val", "test"):  # both weighted by each batch's response tokens
+            setattr(self, f"{stage}_perplexity", TokenPerplexity())
             setattr(self, f"{stage}_token_accuracy", MeanMetric())  # share of response tokens predicted exactly
 
     def setup(self, stage: str) -> None:
@@ -180,22 +192,17 @@ class CausalLMModule(_TransformerModule):
         return self.model(**batch, use_cache=False)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self(batch).loss
+        loss = causal_lm_loss(self.model, batch)
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         self._log_lr()
         return loss
 
     def _evaluate(self, batch: dict[str, torch.Tensor], stage: str) -> None:
-        out = self(batch)
-        # Prompt tuning returns logits for its virtual tokens too, in front: keep those of the input's positions.
-        logits = out.logits[:, -batch["labels"].shape[1]:-1].float()
-        targets = batch["labels"][:, 1:]
+        stats = causal_lm_loss(self.model, batch, return_stats=True)  # loss, perplexity and accuracy in one pass
         perplexity, accuracy = getattr(self, f"{stage}_perplexity"), getattr(self, f"{stage}_token_accuracy")
-        perplexity.update(logits, targets)
-        mask = targets != IGNORE_INDEX
-        accuracy.update((logits.argmax(-1) == targets)[mask].float())
-        size = int(mask.sum())
-        self.log(f"{stage}_loss", out.loss, prog_bar=True, batch_size=max(size, 1))
+        perplexity.update(stats.loss, weight=stats.count)
+        accuracy.update(stats.correct / stats.count.clamp(min=1), weight=stats.count)
+        self.log(f"{stage}_loss", stats.loss, prog_bar=True, batch_size=max(int(stats.count), 1))
         self.log(f"{stage}_perplexity", perplexity, prog_bar=True)
         self.log(f"{stage}_token_accuracy", accuracy)
 

@@ -10,7 +10,8 @@ The adapter is one ``(num_virtual_tokens, token_dim)`` tensor: 20 virtual tokens
 82k numbers. Nothing inside the model changes: a forward pre-hook on the transformers model turns ``input_ids``
 into ``inputs_embeds`` with the prompt in front, lengthens ``attention_mask``, and for causal LMs puts -100 in
 front of ``labels`` so the loss ignores the virtual positions. The user keeps calling ``model(...)`` as before;
-the logits cover the virtual positions too, exactly as HF PEFT's ``PeftModel`` returns them.
+the logits cover the virtual positions too, exactly as HF PEFT's ``PeftModel`` returns them. ``causal_lm_loss``,
+which calls the model's body rather than its forward, applies the same rewrite (``PromptEncoder.with_prompt``).
 """
 
 from __future__ import annotations
@@ -201,14 +202,19 @@ class PromptEncoder(AdapterLayer):
         self._handles.append(model.register_forward_pre_hook(self._prepend, with_kwargs=True))
 
     def _prepend(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-        kwargs = call_kwargs(model, args, kwargs)
+        return (), self.with_prompt(model, call_kwargs(model, args, kwargs))
+
+    def with_prompt(self, model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The keyword arguments of a call to ``model`` (or to its body, which ``causal_lm_loss`` calls directly)
+        with the virtual tokens put in front: what the hook hands the model's forward."""
+        kwargs = dict(kwargs)
         n = self.num_virtual_tokens
         if "attention_mask" in kwargs:
             kwargs["attention_mask"] = prepend_mask(kwargs["attention_mask"], n)
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = None  # positions follow the lengthened sequence (HF PEFT drops them too)
         if is_later_step(kwargs.get("past_key_values")):
-            return (), kwargs
+            return kwargs
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             embeds = model.get_input_embeddings()(kwargs["input_ids"])
@@ -223,7 +229,7 @@ class PromptEncoder(AdapterLayer):
         if token_types is not None:  # HF PEFT: type 0 for the virtual tokens of a classifier, dropped for an LM
             prefix = token_types.new_zeros(batch, n)
             kwargs["token_type_ids"] = torch.cat((prefix, token_types), 1) if self.config.task_type == "SEQ_CLS" else None
-        return (), kwargs
+        return kwargs
 
     def unload(self) -> None:
         for handle in self._handles:
