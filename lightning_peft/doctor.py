@@ -26,7 +26,7 @@ from transformers.pytorch_utils import Conv1D
 from lightning_peft.data import IGNORE_INDEX, check_packing, render_chat
 from lightning_peft.errors import ConfigError
 from lightning_peft.methods.base import AdapterConfig, match_module_name
-from lightning_peft.quantization import QuantizationConfig, cpu_4bit_row_length_works
+from lightning_peft.quantization import QuantizationConfig, cpu_4bit_row_length_works, skip_paths
 from lightning_peft.surgery import adapter_layers, count_parameters
 
 Level = Literal["error", "warning"]
@@ -504,19 +504,21 @@ _BYTES_4BIT = 0.5 + 4 / 64  # 4 bits a weight plus a float32 scale per 64-value 
 
 def memory_estimate(model: nn.Module, quantization: QuantizationConfig | None, dtype: torch.dtype,
                     tokens: int | None, gradient_checkpointing: bool) -> dict[str, float]:
-    """Bytes of training memory by part. The base at its dtype (linear layers at 4 or 8 bits when quantized);
-    the adapter, its gradients and AdamW's two moments in float32. Activations are an estimate per token of
+    """Bytes of training memory by part. The base at its dtype (linear layers at 4 or 8 bits when quantized, but
+    those the quantizer skips: heads, tied embeddings); the adapter, its gradients and AdamW's two moments in
+    float32. Activations are an estimate per token of
     ``layers × (10·hidden + 4·intermediate)`` values stored for backward (``layers × hidden`` with gradient
     checkpointing) in the base's dtype, plus ``2·vocab`` float32 values for the logits and their gradient."""
     size = torch.finfo(dtype).bits // 8
     base, seen = 0.0, set()
-    for module in model.modules():
+    kept = skip_paths(model, quantization) if quantization is not None else set()
+    for path, module in model.named_modules():
         for param in module.parameters(recurse=False):
             if param.requires_grad or id(param) in seen:  # tied embeddings counted once
                 continue
             seen.add(id(param))
             per = size
-            if quantization is not None and type(module) is nn.Linear and param.dim() == 2:
+            if quantization is not None and type(module) is nn.Linear and param.dim() == 2 and path not in kept:
                 per = _BYTES_4BIT if quantization.load_in_4bit else 1
             base += param.numel() * per
     trainable = count_parameters(model)[0]

@@ -335,3 +335,14 @@ def test_unknown_family_targets_are_read_from_the_first_block():
     targets = doctor.family_targets(model)
     assert targets["attention"] == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
     assert targets["mlp"] == ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+
+
+def test_memory_estimate_counts_quantized_layers_at_4_bits_and_the_head_in_full():
+    model = meta_llama(2000)
+    attach(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    full = doctor.memory_estimate(model, None, torch.bfloat16, 100, False)
+    quantized = doctor.memory_estimate(model, QuantizationConfig(load_in_4bit=True), torch.bfloat16, 100, False)
+    blocks = sum(m.weight.numel() for p, m in model.named_modules() if type(m) is torch.nn.Linear and ".layers." in p)
+    assert full["base weights"] - quantized["base weights"] == blocks * (2 - doctor._BYTES_4BIT)
+    assert full["AdamW moments"] == 8 * 896 and full["activations (100 tokens a step)"] == 100 * full[
+        "activations per token"]
