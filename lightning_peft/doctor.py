@@ -209,8 +209,8 @@ def learning_rate_findings(run: Run) -> list[Finding]:
                         "it began.", f"model.init_args.learning_rate: {low * 10:g}")]
     if lr > 10 * high:
         return [Finding("error", f"learning_rate={lr:g} is over ten times {run.adapter.peft_type}'s usual maximum "
-                                 f"{high:g}.", "The first steps blow the adapter up: the loss jumps to NaN or "
-                                               "garbage.", f"model.init_args.learning_rate: {high / 3:g}")]
+                                 f"{high:g}.", "Updates this large typically make the loss spike or diverge "
+                                               "within the first steps.", f"model.init_args.learning_rate: {high / 3:g}")]
     if lr > high:
         return [Finding("warning", f"learning_rate={lr:g} is above {run.adapter.peft_type}'s usual range "
                                    f"[{low:g}, {high:g}].", "The loss is likely to spike or diverge.",
@@ -380,7 +380,7 @@ def quantization_findings(run: Run) -> list[Finding]:
     if not broken:
         return []
     return [Finding("warning", f"4-bit base on a CPU whose bitsandbytes kernels miscompute rows of {broken} values.",
-                    "Those layers stay in full precision (slower, larger than planned); the estimate below counts "
+                    "Those layers stay in full precision (slower, larger than planned); the memory estimate counts "
                     "them quantized.", "trainer.accelerator: gpu   (they quantize correctly on a GPU)")]
 
 
@@ -469,7 +469,9 @@ def layer_table(model: nn.Module) -> list[str]:
             match = re.search(r"\.(\d+)\.", path)
             key = f"{path[:match.start()]}.{{}}.{path[match.end():]}" if match else path
             groups[(key, type(module).__name__)] += [int(match.group(1))] if match else []
-    return [f"{key.format('{' + _ranges(sorted(n)) + '}') if n else key}  {kind}" for (key, kind), n in groups.items()]
+    rows = [(key.format("{" + _ranges(sorted(n)) + "}") if n else key, kind) for (key, kind), n in groups.items()]
+    width = max((len(path) for path, _ in rows), default=0)
+    return [f"{path:<{width}}  {kind}" for path, kind in rows]
 
 
 def family_targets(model: nn.Module) -> dict[str, list[str] | str]:
