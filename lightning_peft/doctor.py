@@ -210,7 +210,8 @@ def learning_rate_findings(run: Run) -> list[Finding]:
     if lr > 10 * high:
         return [Finding("error", f"learning_rate={lr:g} is over ten times {run.adapter.peft_type}'s usual maximum "
                                  f"{high:g}.", "Updates this large typically make the loss spike or diverge "
-                                               "within the first steps.", f"model.init_args.learning_rate: {high / 3:g}")]
+                                               "within the first steps.",
+                        f"model.init_args.learning_rate: {high / 3:g}")]
     if lr > high:
         return [Finding("warning", f"learning_rate={lr:g} is above {run.adapter.peft_type}'s usual range "
                                    f"[{low:g}, {high:g}].", "The loss is likely to spike or diverge.",
@@ -338,7 +339,9 @@ def optimizer_findings(model: nn.Module, optimizers: list[torch.optim.Optimizer]
 def label_findings(batch: Any, tokenizer: Any) -> list[Finding]:
     """A batch for a chat model (its tokenizer has a chat template) whose labels copy ``input_ids`` everywhere: the
     loss is on the prompt too. (Plain language-model data rightly has such labels; it has no chat template.)"""
-    if not getattr(tokenizer, "chat_template", None) or not isinstance(batch, dict) or not {"labels", "input_ids"} <= set(batch):
+    if not getattr(tokenizer, "chat_template", None) or not isinstance(batch, dict):
+        return []
+    if not {"labels", "input_ids"} <= set(batch):
         return []
     labels, ids = batch["labels"], batch["input_ids"]
     if labels.shape != ids.shape or (labels == IGNORE_INDEX).any() or not torch.equal(labels, ids):
@@ -546,8 +549,8 @@ def human_bytes(n: float) -> str:
     return f"{n} B"
 
 
-ACTIVATIONS_FORMULA = ("layers × (10·hidden + 4·intermediate) values a token in the base's dtype (layers × hidden with "
-                       "gradient checkpointing), plus 2·vocab float32 values for the logits and their gradient")
+ACTIVATIONS_FORMULA = ("layers × (10·hidden + 4·intermediate) values a token in the base's dtype (layers × hidden "
+                       "with gradient checkpointing), plus 2·vocab float32 values for the logits and their gradient")
 
 
 def summary(model: nn.Module, memory: dict[str, float], findings: list[Finding]) -> str:

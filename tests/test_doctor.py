@@ -289,7 +289,8 @@ def run_config(tmp_path: Path, model_dir: Path, targets: list[str], r: int = 4) 
 
 
 def test_check_prints_groups_counts_sizes_and_memory(tmp_path, capsys):
-    main(["check", "--config", str(run_config(tmp_path, save_tiny_causal_lm(tmp_path / "llama"), ["q_proj", "v_proj"]))])
+    path = run_config(tmp_path, save_tiny_causal_lm(tmp_path / "llama"), ["q_proj", "v_proj"])
+    main(["check", "--config", str(path)])
     out = capsys.readouterr().out
     assert "model.layers.{0..1}.self_attn.q_proj  LoRA r=4" in out
     assert "trainable parameters: 896 of 22,304" in out  # 2 layers × (4·(32+32) + 4·(32+16))
