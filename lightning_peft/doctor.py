@@ -129,15 +129,16 @@ def target_findings(run: Run) -> list[Finding]:
         else:
             close = difflib.get_close_matches(name.rsplit(".", 1)[-1], leaves, n=1)
             what = f"target_modules names {name!r}, which matches no module of {type(run.model).__name__}."
-            replacement = [*(close or [])]
+            replacement = close
         kept = [t for t in targets if t not in missing]
-        fixed = list(dict.fromkeys(kept + replacement)) or ["all-linear"]
+        fixed = list(dict.fromkeys(kept + replacement))
+        value = f"[{', '.join(fixed)}]" if fixed else "all-linear"
         findings.append(Finding(
             "error", what,
             "A name that matches nothing is skipped while the others are adapted, so the run trains fewer layers "
             "than the config says, silently." if len(missing) < len(targets) else
             "No target matches: no adapter can be injected.",
-            f"target_modules: [{', '.join(fixed)}]   (this model's linear layers: {', '.join(leaves)})"))
+            f"target_modules: {value}   (this model's linear layers: {', '.join(leaves)})"))
     return findings
 
 
@@ -151,8 +152,8 @@ def partial_block_findings(run: Run) -> list[Finding]:
             by_leaf[match.group(2)].add(int(match.group(1)))
     findings = []
     for leaf, adapted in sorted(by_leaf.items()):
-        present = {int(m.group(1)) for p in _base_paths(run.model) if (m := re.search(r"\.(\d+)\." + re.escape(leaf)
-                                                                                     + "$", p))}
+        pattern = re.compile(r"\.(\d+)\." + re.escape(leaf) + "$")
+        present = {int(m.group(1)) for p in _base_paths(run.model) if (m := pattern.search(p))}
         if adapted < present:
             findings.append(Finding(
                 "warning", f"{leaf} is adapted in {len(adapted)} of the {len(present)} blocks "
