@@ -349,3 +349,21 @@ def test_memory_estimate_counts_quantized_layers_at_4_bits_and_the_head_in_full(
     assert full["base weights"] - quantized["base weights"] == blocks * (2 - doctor._BYTES_4BIT)
     assert full["AdamW moments"] == 8 * 896 and full["activations (100 tokens a step)"] == 100 * full[
         "activations per token"]
+
+
+def test_check_without_peft_callback_is_refused_in_one_line(tmp_path, capsys):
+    path = run_config(tmp_path, save_tiny_causal_lm(tmp_path / "llama"), ["q_proj"])
+    content = yaml.safe_load(path.read_text())
+    content["trainer"]["callbacks"] = []
+    path.write_text(yaml.safe_dump(content))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["check", "--config", str(path)])
+    assert exit_info.value.code == 2 and "no lightning_peft.PeftCallback" in capsys.readouterr().err
+
+
+def test_meta_model_of_a_classifier_has_its_labels_and_no_weights(tmp_path):
+    from lightning_peft import SequenceClassificationModule
+    from tiny_assets import save_tiny_encoder
+
+    model = SequenceClassificationModule(str(save_tiny_encoder(tmp_path / "bert")), num_labels=3).meta_model()
+    assert model.classifier.out_features == 3 and {p.device.type for p in model.parameters()} == {"meta"}
