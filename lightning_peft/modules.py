@@ -171,12 +171,12 @@ class CausalLMModule(_TransformerModule):
             setattr(self, f"{stage}_token_accuracy", MeanMetric())  # share of response tokens predicted exactly
 
     def setup(self, stage: str) -> None:
-        super().setup(stage)
         if isinstance(self.trainer.strategy, FSDPStrategy) and (self.generate_prompts or stage == "predict"):
             raise ConfigError(
                 "Generating under FSDP is not supported: generate() runs outside FSDP's forward, on a sharded model. "
                 "Leave generate_prompts empty and answer prompts from the saved adapter (lightning-peft generate)."
             )
+        super().setup(stage)
 
     def configure_model(self) -> None:
         if self.model is not None:
