@@ -61,6 +61,9 @@ class AdapterConfig(ABC):
     """What HF PEFT puts before a module path in its tensor keys (``base_model.`` for prompt methods, whose
     PEFT model wraps the transformers model directly)."""
 
+    known_to_hf_peft: ClassVar[bool] = True
+    """Whether HF PEFT has this ``peft_type``, so it loads our files (not so for our own methods)."""
+
     own_fields: ClassVar[tuple[str, ...]] = ("base_model_gguf_file",)
     """Fields HF PEFT's config for this ``peft_type`` lacks: ``save_adapter`` writes them to the safetensors
     metadata instead of ``adapter_config.json``, so PEFT loads the JSON without warnings."""

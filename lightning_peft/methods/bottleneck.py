@@ -51,6 +51,7 @@ class BottleneckAdapterConfig(AdapterConfig):
     """
 
     peft_type: ClassVar[str] = "BOTTLENECK"
+    known_to_hf_peft: ClassVar[bool] = False
 
     reduction_factor: int = 16
     """Bottleneck width is the hidden size divided by this (at least 1)."""
