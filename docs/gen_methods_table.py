@@ -68,7 +68,7 @@ def table() -> str:
              "| Method | Config | Trainable parameters | % of base | Mergeable | HF PEFT loads it |",
              "|---|---|---:|---:|---|---|"]
     shown_types = {type(config).peft_type for _, _, config in ROWS}
-    rows = ROWS + [(cls.__name__.removesuffix("Config"), "defaults", cls())
+    rows = ROWS + [(sys.modules[cls.__module__].__doc__.split(" (")[0], "defaults", cls())
                    for peft_type, cls in sorted(CONFIG_CLASSES.items()) if peft_type not in shown_types]
     for name, shown, config in rows:
         model = smollm2_135m()
