@@ -1,5 +1,6 @@
 # The commands of the README. Each creates .venv on first use (CPU torch when there is no GPU).
 VENV ?= .venv
+PYTEST_ARGS ?=
 PY := $(VENV)/bin/python
 
 .PHONY: demo test env gpu-check
@@ -14,7 +15,7 @@ demo: env
 	bash scripts/demo.sh $(VENV)
 
 test: env
-	$(PY) -m pytest
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The checks that need a CUDA GPU (tests, setup memory of a ~1B QLoRA run, resume, benchmarks): one table.
 gpu-check: env

@@ -25,7 +25,6 @@ from lightning_peft import (
     QuantizationConfig,
     load_adapter,
 )
-from lightning_peft.checkpoint import read_checkpoint
 from lightning_peft.methods.lora import LoraLayer
 from lightning_peft.quantization import dequantize, is_quantized, quantize_model, skip_paths
 
@@ -198,7 +197,7 @@ def test_checkpoints_hold_no_base_weight_and_resume_exactly(tmp_path, pretrained
     straight = run(4)
     ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
     first = run(2, callbacks=[ckpt], enable_checkpointing=True)
-    state = read_checkpoint(tmp_path / "epoch=0-step=2.ckpt")["state_dict"]
+    state = torch.load(tmp_path / "epoch=0-step=2.ckpt", weights_only=True)["state_dict"]
     assert len(state) == 16 and all(".lora_" in k and t.is_floating_point() for k, t in state.items())
     second = run(4, ckpt_path=tmp_path / "epoch=0-step=2.ckpt")
     assert first.losses == straight.losses[:2]
@@ -334,6 +333,6 @@ def test_resumed_paged_optimizer_keeps_its_state_paged_and_the_checkpoint_loads_
     _, resumed = run(4, ckpt_path=tmp_path / "epoch=0-step=2.ckpt")
     assert resumed.at_start and all(resumed.at_start) and all(resumed.at_end)
     cpu = load_adapter(make_model("llama", **sizes), tmp_path / "epoch=0-step=4.ckpt")  # no GPU needed to read it
-    state = read_checkpoint(tmp_path / "epoch=0-step=4.ckpt")["state_dict"]
+    state = torch.load(tmp_path / "epoch=0-step=4.ckpt", weights_only=True)["state_dict"]
     assert state and all(t.device.type == "cpu" for t in state.values())
     assert torch.isfinite(cpu(**batch()).logits).all()
