@@ -1,8 +1,9 @@
-"""What every adapter method shares: the config base class and the contract of an adapter layer.
+"""What every adapter method shares: the config base class (which registers each method by ``peft_type``), the
+contract of an adapter layer, and ``WrappingLayer``, the base of every layer that wraps one linear layer.
 
 A method is one file in this folder holding a config dataclass (field names as HF PEFT spells them) and the
-``AdapterLayer`` modules it injects. Everything else in the package (freezing, saving, checkpoints, merging)
-is driven by what the layers declare, never by matching substrings of parameter names.
+``AdapterLayer`` modules it injects, with only its own math. Everything else in the package (freezing, saving,
+checkpoints, merging) is driven by what the layers declare, never by matching substrings of parameter names.
 """
 
 from __future__ import annotations
