@@ -30,6 +30,7 @@ from lightning_peft.errors import ConfigError
 from lightning_peft.merge import ExportDtype, export_merged
 from lightning_peft.modules import CausalLMModule, load_pretrained, load_tokenizer
 from lightning_peft.report import draw_report
+from lightning_peft.streaming import map_large_allocations
 
 
 class PeftCLI(LightningCLI):
@@ -132,6 +133,7 @@ def run_tool(name: str, argv: Sequence[str]) -> object:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """The console entry point; ``argv`` defaults to the command line."""
+    map_large_allocations()  # the C heap would keep a 4-bit base's freed per-layer buffers resident
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in TOOLS:
         run_tool(args[0], args[1:])

@@ -128,6 +128,7 @@ class CausalLMModule(_TransformerModule):
 
     Args:
         model_name_or_path: a transformers model directory (``package:NAME/path`` inside an installed package).
+            Under a quantizing strategy its weights are streamed in one tensor at a time, each quantized on arrival.
         gguf_file: a GGUF file in that directory to load (dequantized) instead of safetensors weights.
         tokenizer: where the tokenizer is, when not with the model.
         chat_template: a Jinja chat template (or a ``.jinja`` file) replacing the tokenizer's.
@@ -237,6 +238,7 @@ class SequenceClassificationModule(_TransformerModule):
 
     Args:
         model_name_or_path: a transformers model directory (``package:NAME/path`` inside an installed package).
+            Under a quantizing strategy its weights are streamed in one tensor at a time, each quantized on arrival.
         num_labels: number of classes; the head is created with this many outputs.
         tokenizer: where the tokenizer is, when not with the model.
     """

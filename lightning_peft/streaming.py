@@ -70,20 +70,41 @@ def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, buffer.view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
 @functools.cache
-def _malloc_trim():
-    """glibc's ``malloc_trim``, which returns free heap pages to the system; None elsewhere."""
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc (``malloc_trim``, ``mallopt``); None elsewhere."""
     name = ctypes.util.find_library("c")
     try:
-        return ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
         return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
 
 
 def release_free_memory() -> None:
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+    """Hand the C heap's free pages back to the system (glibc ``malloc_trim``)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def map_large_allocations(threshold: int = 2**20) -> None:
+    """Have glibc serve every allocation of ``threshold`` bytes or more from its own memory map, unmapped when
+    freed, for the rest of the process.
+
+    By default glibc raises that threshold (up to 32 MiB) each time such a buffer is freed, and from then on
+    serves large buffers from the heap. A training step on a 4-bit base allocates and frees a dequantized weight
+    per layer, forward and backward, between the activations it keeps; in the heap they leave it fragmented, the
+    freed memory still resident: measured +100 to +450 MiB over the step's needs for a 0.5B model on a CPU,
+    varying from run to run. The cost is page faults on each large allocation. A process-wide choice, so the
+    ``lightning-peft`` command makes it, not the library (the same as ``MALLOC_MMAP_THRESHOLD_=1048576``).
+    """
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, threshold)
 
 
 @dataclasses.dataclass(frozen=True)
