@@ -147,7 +147,7 @@ def test_causal_lm_base_is_streamed_in_and_equals_loading_it_whole_then_quantizi
 def test_gguf_written_here_loads_in_transformers_as_the_model_it_was_written_from(checkpoints):
     """The GGUF test file is a faithful one (names, q/k permutation, tying): transformers' own loader gets the
     original model back, to Q8_0 rounding."""
-    module = CausalLMModule(str(checkpoints["gguf"]), gguf_file="tiny.gguf")
+    module = CausalLMModule(str(checkpoints["gguf"]), gguf_file="tiny.gguf", tokenizer=str(checkpoints["gguf"]))
     module.configure_model()
     original = checkpoints["original"]
     assert module.model.config.tie_word_embeddings
