@@ -197,7 +197,7 @@ def run_cli(directory: str, side: str) -> dict:
 def measure(side: str, directory: Path) -> dict:
     """Run one side in a fresh interpreter, so neither sees the other's allocations."""
     out = subprocess.run([sys.executable, __file__, "--side", side, str(directory)], capture_output=True, text=True,
-                         check=False)
+                         check=False, cwd=directory)  # the command saves its config.yaml there
     if out.returncode != 0:
         raise RuntimeError(f"{side} failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
