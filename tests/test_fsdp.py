@@ -93,7 +93,7 @@ def test_every_method_trains_under_fsdp(tmp_path):
 def test_lora_on_a_4bit_base_stored_in_bfloat16_with_gradient_checkpointing(tmp_path):
     run_two_processes("fsdp", tmp_path, 4, "--nf4")
     saved = _check_run(tmp_path / "lora-llama", "lora", "llama", nf4=True, tolerance=1e-2)  # bfloat16 sums
-    assert all(t.dtype == torch.bfloat16 for t in saved.values())
+    assert all(t.dtype == torch.float32 for t in saved.values())  # the adapter stays float32 under bf16-true
     base = make_model("llama", **QUANTIZABLE)
     quantize_model(base, QuantizationConfig(**NF4), "cpu", skip_paths(base, QuantizationConfig(**NF4)))
     load_adapter(base, tmp_path / "lora-llama" / "adapter")
