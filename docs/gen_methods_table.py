@@ -24,32 +24,29 @@ from lightning_peft import (
     PrefixTuningConfig,
     PromptTuningConfig,
 )
-from lightning_peft.methods.base import AdapterConfig
+from lightning_peft.methods.base import CONFIG_CLASSES, AdapterConfig
 from lightning_peft.surgery import attach, count_parameters
 
 DOC = Path(__file__).resolve().parent / "methods.md"
 START, END = "<!-- methods-table:start -->", "<!-- methods-table:end -->"
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
-# (method, config as written in the table, config, mergeable, read by HF PEFT)
-ROWS: list[tuple[str, str, AdapterConfig, str, str]] = [
-    ("LoRA", 'r=16, target_modules=["q_proj", "v_proj"]', LoraConfig(r=16, target_modules=["q_proj", "v_proj"]),
-     "yes", "yes"),
-    ("LoRA", "r=16, q/k/v/o", LoraConfig(r=16, target_modules=ATTENTION), "yes", "yes"),
-    ("LoRA", 'r=16, "all-linear"', LoraConfig(r=16, target_modules="all-linear"), "yes", "yes"),
-    ("rsLoRA", 'r=16, "all-linear", use_rslora=True', LoraConfig(r=16, target_modules="all-linear", use_rslora=True),
-     "yes", "yes"),
+# Chosen rows (method, config as written in the table, config); every registered method without one gets a row with
+# its defaults. Whether it merges and whether HF PEFT loads it are read from the method itself.
+ROWS: list[tuple[str, str, AdapterConfig]] = [
+    ("LoRA", 'r=16, target_modules=["q_proj", "v_proj"]', LoraConfig(r=16, target_modules=["q_proj", "v_proj"])),
+    ("LoRA", "r=16, q/k/v/o", LoraConfig(r=16, target_modules=ATTENTION)),
+    ("LoRA", 'r=16, "all-linear"', LoraConfig(r=16, target_modules="all-linear")),
+    ("rsLoRA", 'r=16, "all-linear", use_rslora=True', LoraConfig(r=16, target_modules="all-linear", use_rslora=True)),
     ("LoRA+", 'r=16, "all-linear", loraplus_lr_ratio=16',
-     LoraConfig(r=16, target_modules="all-linear", loraplus_lr_ratio=16), "yes", "yes"),
-    ("DoRA", 'r=16, "all-linear", use_dora=True', LoraConfig(r=16, target_modules="all-linear", use_dora=True),
-     "yes", "yes"),
+     LoraConfig(r=16, target_modules="all-linear", loraplus_lr_ratio=16)),
+    ("DoRA", 'r=16, "all-linear", use_dora=True', LoraConfig(r=16, target_modules="all-linear", use_dora=True)),
     ("AdaLoRA", "init_r=12, target_r=8, q/k/v/o",
-     AdaLoraConfig(init_r=12, target_r=8, total_step=1000, target_modules=ATTENTION), "yes", "yes"),
-    ("IA3", "defaults (k_proj, v_proj, down_proj)", IA3Config(), "yes", "yes"),
-    ("Bottleneck", "reduction_factor=16, placement=both", BottleneckAdapterConfig(reduction_factor=16), "no",
-     "no"),
-    ("Prompt tuning", "num_virtual_tokens=20", PromptTuningConfig(num_virtual_tokens=20), "no", "yes"),
-    ("Prefix tuning", "num_virtual_tokens=20", PrefixTuningConfig(num_virtual_tokens=20), "no", "yes"),
+     AdaLoraConfig(init_r=12, target_r=8, total_step=1000, target_modules=ATTENTION)),
+    ("IA3", "defaults (k_proj, v_proj, down_proj)", IA3Config()),
+    ("Bottleneck", "reduction_factor=16, placement=both", BottleneckAdapterConfig(reduction_factor=16)),
+    ("Prompt tuning", "num_virtual_tokens=20", PromptTuningConfig(num_virtual_tokens=20)),
+    ("Prefix tuning", "num_virtual_tokens=20", PrefixTuningConfig(num_virtual_tokens=20)),
 ]
 
 
@@ -60,18 +57,26 @@ def smollm2_135m() -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
 def table() -> str:
     base_total = count_parameters(smollm2_135m())[1]
     source = f"Measured on SmolLM2-135M's architecture ({base_total / 1e6:.1f}M parameters), by `docs/gen_methods_table.py`."
     lines = [source, "",
              "| Method | Config | Trainable parameters | % of base | Mergeable | HF PEFT loads it |",
              "|---|---|---:|---:|---|---|"]
-    for name, shown, config, mergeable, peft in ROWS:
+    shown_types = {type(config).peft_type for _, _, config in ROWS}
+    rows = ROWS + [(sys.modules[cls.__module__].__doc__.split(" (")[0], "defaults", cls())
+                   for peft_type, cls in sorted(CONFIG_CLASSES.items()) if peft_type not in shown_types]
+    for name, shown, config in rows:
         model = smollm2_135m()
-        attach(model, config)
+        layers = attach(model, config)
         trainable, _ = count_parameters(model)
-        lines.append(f"| {name} | `{shown}` | {trainable:,} | {100 * trainable / base_total:.3f} | {mergeable} "
-                     f"| {peft} |")
+        mergeable = all(layer.mergeable for layer in layers.values())
+        lines.append(f"| {name} | `{shown}` | {trainable:,} | {100 * trainable / base_total:.3f} | {_yes(mergeable)} "
+                     f"| {_yes(type(config).known_to_hf_peft)} |")
     return "\n".join(lines)
 
 

@@ -24,6 +24,7 @@ from lightning_peft.methods import (
     PrefixTuningConfig,
     PromptTuningConfig,
 )
+from lightning_peft.methods.lora_fa import LoraFaConfig
 from lightning_peft.modules import CausalLMModule, SequenceClassificationModule
 from lightning_peft.named_adapters import NamedAdapters
 from lightning_peft.quantization import QuantizationConfig
@@ -39,6 +40,7 @@ __all__ = [
     "ConfigError",
     "IA3Config",
     "LoraConfig",
+    "LoraFaConfig",
     "MergeCallback",
     "MergeError",
     "NamedAdapters",

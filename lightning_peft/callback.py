@@ -6,9 +6,10 @@ Hooks, in Lightning's order of events:
   is built now if the module creates it in ``configure_model``, prepared by a ``PeftStrategy`` (quantized,
   streamed in from its checkpoint), then the adapter is injected and the base frozen (a model already wrapped by
   HF PEFT's ``get_peft_model`` is refused first), so DDP/FSDP wrap the adapted model and ``configure_optimizers``
-  sees it. ``configure_model`` is called a second time here: one that builds a new model each call (Lightning's
-  call would drop the adapted one) is refused with the one-line fix before any optimizer exists; no public hook
-  runs later and still before them. Under FSDP it takes
+  sees it. That is our one call of ``configure_model``; from then until ``on_fit_start`` a torch module
+  registration hook refuses, as it happens, any assignment that replaces the adapted model (Lightning's own
+  ``configure_model`` call of a module that builds a new model each call, or the module's ``setup``), with the
+  one-line fix and before any optimizer exists: no public hook runs later and still before them. Under FSDP it takes
   ``PeftFSDPStrategy``, which keeps the adapter whole on every rank (``fsdp.py``); Lightning's ``FSDPStrategy``,
   which would shard it, is refused. Parameter counts are taken here, before FSDP shards the base.
 - ``on_fit_start`` (optimizers exist, training state not yet restored): frozen tensors are dropped from the
@@ -51,7 +52,10 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_hasattr
+from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.nn.modules.module import register_module_module_registration_hook
+from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_peft.checkpoint import PEFT_KEY, AdapterCheckpointIO, adapter_keys, adapter_record
@@ -74,9 +78,10 @@ from lightning_peft.surgery import active_config, attach, count_parameters, find
 DEFAULT_LEARNING_RATE = 2e-4  # for a module that configures no optimizer and names no learning rate
 
 
-_REBUILDS = (
-    "The LightningModule builds a new model each time configure_model is called, so Lightning's own call would "
-    "throw away the model PeftCallback put the adapter in (and leave the optimizer nothing to train). Make "
+_REPLACED = (
+    "The model lost its adapter: {where} was assigned a new model after PeftCallback put the adapter in (by a "
+    "configure_model that builds a new model each call, which Lightning calls again after the callback's setup, "
+    "or by the module's setup hook), which would leave the optimizer nothing to train. Build the model once: make "
     "configure_model return early when the model exists, as Lightning requires: start it with "
     "`if self.model is not None: return`."
 )
@@ -123,6 +128,7 @@ class PeftCallback(Callback):
         self._counts = (0, 0)
         self._first_batch_done = False
         self._backward_ran = False
+        self._watch: RemovableHandle | None = None
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -134,19 +140,14 @@ class PeftCallback(Callback):
             )
         if is_overridden("configure_model", pl_module):
             # Lightning calls configure_model after this hook and requires it to be idempotent: building the model
-            # here, in the same contexts Lightning would use, lets the adapter go in before the strategy wraps it.
-            # A second call now shows whether Lightning's would replace the adapted model: no public hook runs
-            # between Lightning's call and configure_optimizers, so this is the earliest point to say so.
+            # here, in the contexts Lightning uses, lets the adapter go in before the strategy wraps it. This is our
+            # one call; Lightning's, next, must keep the model (see _watch_model).
             with (
                 trainer.strategy.tensor_init_context(),
                 trainer.strategy.model_sharded_context(),
                 trainer.precision_plugin.module_init_context(),
             ):
                 pl_module.configure_model()
-                built = find_transformer(pl_module)[1]
-                pl_module.configure_model()
-            if find_transformer(pl_module)[1] is not built:
-                raise ConfigError(_REBUILDS)
         _, model = find_transformer(pl_module)
         report(wrapped_findings(pl_module))
         if isinstance(trainer.strategy, PeftStrategyMixin):
@@ -160,13 +161,46 @@ class PeftCallback(Callback):
             attach(model, self.adapter)
         self._counts = count_parameters(pl_module)  # once FSDP shards the base, each rank would count its shard
         self._module = pl_module
+        self._watch_model(pl_module, model)
         pl_module.strict_loading = False  # checkpoints hold the adapter only; _validate_checkpoint checks them
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AdapterCheckpointIO(validate=self._validate_checkpoint,
                                                                  prepare=self._adapter_only)
 
+    def _watch_model(self, pl_module: pl.LightningModule, model: nn.Module) -> None:
+        """Refuse, as it happens, an assignment that replaces the adapted model in ``pl_module`` (Lightning's own
+        configure_model call, the module's setup hook): no public hook runs between those and configure_optimizers,
+        so this is the one place to refuse before any optimizer exists. Watching stops at fit start or teardown.
+        The strategy wrapping the model (DDP, FSDP: ``.module`` is the model) is not a replacement."""
+        path = next(p for p, m in pl_module.named_modules() if m is model)
+        parent_path, _, name = path.rpartition(".")
+        parent = pl_module.get_submodule(parent_path)
+
+        def refuse_replacement(module: nn.Module, attribute: str, value: nn.Module | None) -> None:
+            if module is parent and attribute == name and value is not model and getattr(value, "module", None) \
+                    is not model:
+                self._stop_watching()
+                raise ConfigError(_REPLACED.format(where=f"{type(pl_module).__name__}.{path}"))
+
+        self._stop_watching()
+        self._watch = register_module_module_registration_hook(refuse_replacement)
+
+    def _stop_watching(self) -> None:
+        if self._watch is not None:
+            self._watch.remove()
+            self._watch = None
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._stop_watching()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._stop_watching()
+
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop_watching()
         _, model = find_transformer(pl_module)
         if active_config(model) is None:
             raise ConfigError(

@@ -52,6 +52,7 @@ from lightning_peft.modules import CausalLMModule, load_pretrained, load_tokeniz
 from lightning_peft.report import draw_report
 from lightning_peft.resources import resolve_path
 from lightning_peft.strategy import PeftStrategyMixin
+from lightning_peft.streaming import map_large_allocations
 from lightning_peft.surgery import attach, count_parameters, find_transformer
 
 DEBUG_ENV = "LIGHTNING_PEFT_DEBUG"
@@ -296,6 +297,7 @@ def top_level_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """The console entry point; ``argv`` defaults to the command line."""
+    map_large_allocations()  # the C heap would keep a 4-bit base's freed per-layer buffers resident
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     args = [a for a in args if a != "--debug"]

@@ -25,9 +25,10 @@ from transformers.pytorch_utils import Conv1D
 
 from lightning_peft.data import IGNORE_INDEX, check_packing, render_chat
 from lightning_peft.errors import ConfigError
-from lightning_peft.methods.base import AdapterConfig, match_module_name
+from lightning_peft.methods.base import AdapterConfig
 from lightning_peft.quantization import QuantizationConfig, cpu_4bit_row_length_works, skip_paths
 from lightning_peft.surgery import adapter_layers, count_parameters
+from lightning_peft.targets import match_module_name
 
 Level = Literal["error", "warning"]
 

@@ -53,7 +53,8 @@ from lightning_peft.fingerprint import pin_fingerprint
 from lightning_peft.methods.base import AdapterConfig, AdapterLayer
 from lightning_peft.quantization import QuantizationConfig
 from lightning_peft.strategy import PeftStrategyMixin
-from lightning_peft.surgery import find_transformer, set_submodule
+from lightning_peft.surgery import find_transformer
+from lightning_peft.targets import set_submodule
 
 _WRAPPED = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 _SHARDED = "_lightning_peft_sharded"

@@ -32,7 +32,8 @@ from lightning_peft.errors import AdapterMismatchError, ConfigError
 from lightning_peft.methods.base import AdapterLayer
 from lightning_peft.quantization import dequantize, dequantize_module, dequantized_dtype, is_quantized
 from lightning_peft.shards import DEFAULT_SHARD_SIZE, write_sharded
-from lightning_peft.surgery import adapter_layers, find_transformer, set_submodule
+from lightning_peft.surgery import adapter_layers, find_transformer
+from lightning_peft.targets import set_submodule
 
 ExportDtype = Literal["float32", "bfloat16", "float16"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from lightning_peft.errors import ConfigError
-from lightning_peft.methods.base import check_field_types, check_module_patterns, match_module_name, output_head_paths
-from lightning_peft.surgery import set_submodule
+from lightning_peft.targets import match_module_name, output_head_paths, set_submodule
+from lightning_peft.validation import check_field_types, check_module_patterns
 
 _FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _STORAGE_DTYPES = {"uint8": torch.uint8, **_FLOAT_DTYPES}

@@ -14,6 +14,7 @@ from transformers import PreTrainedModel
 
 from lightning_peft.errors import AdapterMismatchError, TargetModulesError
 from lightning_peft.methods.base import AdapterConfig, AdapterLayer
+from lightning_peft.targets import set_submodule
 
 # Heads HF PEFT trains in full for sequence classification: we add those the model has.
 _SEQ_CLS_HEADS = ("classifier", "score")
@@ -92,8 +93,8 @@ def attach(model: PreTrainedModel, config: AdapterConfig) -> dict[str, AdapterLa
         layer.bind(model)
     model.requires_grad_(False)
     for layer in layers.values():
-        for param in layer.adapter_parameters().values():
-            param.requires_grad_(True)
+        for name, param in layer.adapter_parameters().items():
+            param.requires_grad_(name not in layer.frozen_parameter_names)
     for path in save_paths:
         model.get_submodule(path).requires_grad_(True)
     for name in config.trainable_base_parameters(model, layers):
@@ -111,11 +112,6 @@ def detach(model: nn.Module) -> None:
             delattr(model.get_submodule(parent) if parent else model, name)
         else:
             set_submodule(model, path, original)
-
-
-def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, name, module)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

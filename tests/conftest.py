@@ -93,6 +93,12 @@ IA3_FEEDFORWARD = {"llama": ["down_proj"], "mistral": ["down_proj"], "qwen2": ["
                    "bert": ["output.dense"], "distilbert": ["lin2"]}
 
 
+def _lora_fa(family: str):
+    from lightning_peft import LoraFaConfig
+
+    return LoraFaConfig(r=4, lora_alpha=8, target_modules=targets(family), init_lora_weights=False)
+
+
 def _ia3(family: str):
     from lightning_peft import IA3Config
 
@@ -133,6 +139,7 @@ METHODS = {
     # Fewer families for these three keep the matrix fast; each still runs on a causal (llama plus GPT-2's
     # Conv1D) and an encoder family.
     "dora": dict(make=_dora, peft=True, mergeable=True, families=["llama", "gpt2", "bert"]),
+    "lora_fa": dict(make=_lora_fa, peft=False, mergeable=True, families=["llama", "gpt2", "bert"]),
     "ia3": dict(make=_ia3, peft=True, mergeable=True, families=["llama", "gpt2", "distilbert"]),
     "bottleneck": dict(make=_bottleneck, peft=False, mergeable=False, families=["qwen2", "gpt2", "bert", "distilbert"]),
     "prompt": dict(make=_prompt, peft=True, mergeable=False),

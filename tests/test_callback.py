@@ -101,6 +101,20 @@ def test_configure_model_that_rebuilds_the_model_is_refused_before_any_optimizer
                                                                                       loader())
 
 
+@pytest.mark.parametrize("strategy", ["auto", "peft"])
+def test_configure_model_is_called_once_by_the_callback_and_once_by_lightning(strategy):
+    class Counts(CausalLM):
+        calls = 0
+
+        def configure_model(self):
+            Counts.calls += 1
+            super().configure_model()
+
+    module = Counts(in_init=False)
+    trainer(callbacks=[PeftCallback(LoraConfig(**LORA))], strategy=strategy, max_steps=1).fit(module, loader())
+    assert Counts.calls == 2 and adapter_layers(module.model)
+
+
 def test_a_model_replaced_in_the_module_setup_hook_is_refused_at_fit_start():
     class ReplacesInSetup(CausalLM):
         def setup(self, stage):

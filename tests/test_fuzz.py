@@ -16,24 +16,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import batch, make_model, targets
-from lightning_peft import (
-    AdaLoraConfig,
-    BottleneckAdapterConfig,
-    IA3Config,
-    LoraConfig,
-    PeftError,
-    PrefixTuningConfig,
-    PromptTuningConfig,
-    QuantizationConfig,
-    load_adapter,
-    save_adapter,
-)
+from lightning_peft import LoraConfig, PeftError, QuantizationConfig, load_adapter, save_adapter
+from lightning_peft.methods.base import CONFIG_CLASSES as METHOD_CONFIGS
 from lightning_peft.methods.base import AdapterConfig
 from lightning_peft.surgery import attach, detach
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-CONFIG_CLASSES = [LoraConfig, AdaLoraConfig, IA3Config, PromptTuningConfig, PrefixTuningConfig,
-                  BottleneckAdapterConfig, QuantizationConfig]
+CONFIG_CLASSES = [*sorted(METHOD_CONFIGS.values(), key=lambda c: c.peft_type), QuantizationConfig]
 
 JSON_SCALARS = st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=True) | st.text(max_size=12)
 JSON_VALUES = st.recursive(JSON_SCALARS, lambda inner: st.lists(inner, max_size=4)

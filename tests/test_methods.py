@@ -8,6 +8,7 @@ import torch
 
 from conftest import CAUSAL, ENCODERS, FAMILIES, METHODS, batch, make_model
 from lightning_peft import MergeError, load_adapter, merge_adapter, save_adapter
+from lightning_peft.methods import CONFIG_CLASSES
 from lightning_peft.surgery import adapter_layers, attach
 
 CASES = [(m, f, t) for m in METHODS for f in METHODS[m].get("families", FAMILIES)
@@ -82,3 +83,11 @@ def test_merge_is_exact_or_refused(method, family, task):
 
 def test_encoder_families_are_covered():
     assert set(ENCODERS) <= set(FAMILIES)
+
+
+def test_every_registered_method_has_a_recipe_that_matches_its_class():
+    """A method added to lightning_peft/methods/ without a recipe in conftest.METHODS would skip every check above."""
+    configs = {m: METHODS[m]["make"]("llama") for m in METHODS}
+    assert {type(c).peft_type for c in configs.values()} == set(CONFIG_CLASSES)
+    for method, config in configs.items():
+        assert METHODS[method]["peft"] == type(config).known_to_hf_peft, method

@@ -1,28 +1,21 @@
-"""The adapter methods, one module each, and the registry from HF PEFT's ``peft_type`` to config class."""
+"""The adapter methods, one module each; importing this package imports every one of them, and each method's
+config class registers itself by HF PEFT ``peft_type`` (``CONFIG_CLASSES``). Adding a method is adding a module
+here."""
 
-from lightning_peft.errors import ConfigError
-from lightning_peft.methods.adalora import AdaLoraConfig
-from lightning_peft.methods.base import AdapterConfig, AdapterLayer
-from lightning_peft.methods.bottleneck import BottleneckAdapterConfig
-from lightning_peft.methods.ia3 import IA3Config
-from lightning_peft.methods.lora import LoraConfig, LoraLayer
-from lightning_peft.methods.prefix import PrefixTuningConfig
-from lightning_peft.methods.prompt import PromptTuningConfig
+import importlib
+import pkgutil
 
-CONFIG_CLASSES: dict[str, type[AdapterConfig]] = {
-    cls.peft_type: cls
-    for cls in (LoraConfig, AdaLoraConfig, IA3Config, BottleneckAdapterConfig, PromptTuningConfig, PrefixTuningConfig)
-}
+from lightning_peft.methods.base import CONFIG_CLASSES, AdapterConfig, AdapterLayer, config_class
 
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
-def config_class(peft_type: object, source: str = "adapter config") -> type[AdapterConfig]:
-    """The config class for ``peft_type``; refuses a missing or unknown type, naming the ones we support."""
-    if not isinstance(peft_type, str) or peft_type not in CONFIG_CLASSES:
-        raise ConfigError(
-            f"{source}: peft_type={peft_type!r} is not supported; expected one of {sorted(CONFIG_CLASSES)}."
-        )
-    return CONFIG_CLASSES[peft_type]
-
+from lightning_peft.methods.adalora import AdaLoraConfig  # noqa: E402 (public names, re-exported)
+from lightning_peft.methods.bottleneck import BottleneckAdapterConfig  # noqa: E402
+from lightning_peft.methods.ia3 import IA3Config  # noqa: E402
+from lightning_peft.methods.lora import LoraConfig, LoraLayer  # noqa: E402
+from lightning_peft.methods.prefix import PrefixTuningConfig  # noqa: E402
+from lightning_peft.methods.prompt import PromptTuningConfig  # noqa: E402
 
 __all__ = [
     "CONFIG_CLASSES",

@@ -28,20 +28,12 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from lightning_peft.errors import ConfigError, MergeError
-from lightning_peft.methods.base import (
-    AdapterConfig,
-    TrainingHooks,
-    WrappingLayer,
-    adapter_dtype,
-    check_module_patterns,
-    output_head_paths,
-    select_targets,
-)
+from lightning_peft.errors import ConfigError
+from lightning_peft.methods.base import AdapterConfig, TrainingHooks, WrappingLayer
 from lightning_peft.methods.lora import DEFAULT_TARGETS
-from lightning_peft.quantization import compute_dtype, dense_linear, dequantize, is_quantized
+from lightning_peft.targets import find_targets
+from lightning_peft.validation import check_module_patterns
 
 _EPS = 1e-5  # added to the rank in the scaling, as HF PEFT does (files must give the same outputs)
 
@@ -134,18 +126,7 @@ class AdaLoraConfig(AdapterConfig):
                               f"total_step={total_step} steps; lower them or train longer.")
 
     def build_layers(self, model: nn.Module) -> dict[str, AdaLoraLayer]:
-        targets = self.target_modules
-        if targets is None:
-            model_type = getattr(getattr(model, "config", None), "model_type", None)
-            if model_type not in DEFAULT_TARGETS:
-                raise ConfigError(f"AdaLoraConfig has no target_modules and there is no default for "
-                                  f"model_type={model_type!r}; set target_modules (e.g. ['q_proj', 'v_proj']).")
-            targets = DEFAULT_TARGETS[model_type]
-        skip = set()
-        if targets == "all-linear":
-            targets, skip = r".*", output_head_paths(model)
-        selected = select_targets(model, targets, self.exclude_modules, lambda m: isinstance(m, (nn.Linear, Conv1D)),
-                                  skip)
+        selected = find_targets(model, self.target_modules, self.exclude_modules, DEFAULT_TARGETS, "AdaLoraConfig")
         pattern = self.rank_pattern or {}
         return {path: AdaLoraLayer(module, self, sum(pattern.get(f"{path}.lora_E", [True] * self.init_r)))
                 for path, module in selected.items()}
@@ -169,26 +150,24 @@ class AdaLoraLayer(WrappingLayer):
 
     adapter_parameter_names: ClassVar[tuple[str, ...]] = ("lora_A", "lora_E", "lora_B")
     disk_names: ClassVar[dict[str, str]] = {"lora_A": "lora_A", "lora_E": "lora_E", "lora_B": "lora_B"}
+    method_name: ClassVar[str] = "AdaLoRA"
 
     def __init__(self, base_layer: nn.Module, config: AdaLoraConfig, r: int) -> None:
-        super().__init__(base_layer)
-        self.config = config
-        weight = base_layer.weight
-        factory = dict(dtype=adapter_dtype(config, weight), device=weight.device)
+        super().__init__(base_layer, config)
+        factory = self.factory
         self.scaling = config.lora_alpha / (config.init_r + _EPS)
         self.lora_A = nn.Parameter(torch.randn(r, self.in_features, **factory) * 0.02)
         self.lora_E = nn.Parameter(torch.randn(r, 1, **factory) if config.init_lora_weights is False
                                    else torch.zeros(r, 1, **factory))
         self.lora_B = nn.Parameter(torch.randn(self.out_features, r, **factory) * 0.02)
         self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else None
-        self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         if self.merged:
             return result
         h = x if self.lora_dropout is None else self.lora_dropout(x)
-        dtype = compute_dtype(self.base_layer) or x.dtype
+        dtype = self.compute_dtype(x)
         down = F.linear(h.to(dtype), (self.lora_A * self.lora_E).to(dtype))  # (..., r)
         return result + (F.linear(down, self.lora_B.to(dtype)) * self.scaling).to(result.dtype)
 
@@ -201,51 +180,6 @@ class AdaLoraLayer(WrappingLayer):
         eye = torch.eye(self.lora_A.shape[0], device=self.lora_A.device, dtype=self.lora_A.dtype)
         return (torch.linalg.matrix_norm(self.lora_A @ self.lora_A.T - eye)
                 + torch.linalg.matrix_norm(self.lora_B.T @ self.lora_B - eye))
-
-    def _dense_weight(self) -> torch.Tensor:
-        if is_quantized(self.base_layer):
-            return dequantize(self.base_layer)
-        return self.base_layer.weight.t() if self.transposed else self.base_layer.weight
-
-    @torch.no_grad()
-    def _shift(self, sign: int) -> None:
-        if not self.base_layer.weight.is_floating_point():
-            raise MergeError(f"Cannot merge AdaLoRA in place into a quantized {type(self.base_layer).__name__}: "
-                             f"rounding back to low precision loses the update. Use merge_adapter(model, "
-                             f"dtype=...) or MergeCallback, which export dequantized weights.")
-        delta = self.delta_weight() * sign
-        weight = self.base_layer.weight
-        weight.add_((delta.t() if self.transposed else delta).to(weight.dtype))
-
-    def merge(self) -> None:
-        if not self.merged:
-            self._shift(+1)
-            self.merged = True
-
-    def unmerge(self) -> None:
-        if self.merged:
-            self._shift(-1)
-            self.merged = False
-
-    def unload(self) -> nn.Module:
-        self.unmerge()
-        return self.base_layer
-
-    def merged_module(self) -> nn.Module:
-        if is_quantized(self.base_layer):  # a plain layer in the compute dtype: rounding back would lose the update
-            state = self.merged_state_dict()
-            return dense_linear(state["weight"], state.get("bias"))
-        self.merge()
-        return self.base_layer
-
-    @torch.no_grad()
-    def merged_state_dict(self) -> dict[str, torch.Tensor]:
-        weight = self._dense_weight()
-        merged = weight if self.merged else (weight.float() + self.delta_weight()).to(weight.dtype)
-        out = {"weight": merged.t() if self.transposed else merged}
-        if self.base_layer.bias is not None:
-            out["bias"] = self.base_layer.bias.detach()
-        return out
 
     def extra_repr(self) -> str:
         return f"r={self.lora_E.shape[0]}, scaling={self.scaling:g}, merged={self.merged}"

@@ -1,16 +1,14 @@
-"""What every adapter method shares: the config base class and the contract of an adapter layer.
+"""What every adapter method shares: the config base class (which registers each method by ``peft_type``), the
+contract of an adapter layer, and ``WrappingLayer``, the base of every layer that wraps one linear layer.
 
 A method is one file in this folder holding a config dataclass (field names as HF PEFT spells them) and the
-``AdapterLayer`` modules it injects. Everything else in the package (freezing, saving, checkpoints, merging)
-is driven by what the layers declare, never by matching substrings of parameter names.
+``AdapterLayer`` modules it injects, with only its own math. Everything else in the package (freezing, saving,
+checkpoints, merging) is driven by what the layers declare, never by matching substrings of parameter names.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
-import types
-import typing
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -21,7 +19,9 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from lightning_peft.errors import ConfigError, TargetModulesError
+from lightning_peft.errors import ConfigError, MergeError
+from lightning_peft.quantization import compute_dtype, dense_linear, dequantize, is_quantized
+from lightning_peft.validation import check_field_types, check_module_patterns
 
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 
@@ -39,6 +39,20 @@ def _is_unset(value: Any) -> bool:
     return value is None or value is False or value == {} or value == [] or value == ""
 
 
+CONFIG_CLASSES: dict[str, type[AdapterConfig]] = {}
+"""Every method's config class by HF PEFT ``peft_type``, filled as each method's module is imported (a config
+class that sets ``peft_type`` registers itself)."""
+
+
+def config_class(peft_type: object, source: str = "adapter config") -> type[AdapterConfig]:
+    """The config class for ``peft_type``; refuses a missing or unknown type, naming the ones we support."""
+    if not isinstance(peft_type, str) or peft_type not in CONFIG_CLASSES:
+        raise ConfigError(
+            f"{source}: peft_type={peft_type!r} is not supported; expected one of {sorted(CONFIG_CLASSES)}."
+        )
+    return CONFIG_CLASSES[peft_type]
+
+
 @dataclasses.dataclass
 class AdapterConfig(ABC):
     """Fields every method shares; subclasses add their own and validate them in ``__post_init__``."""
@@ -47,6 +61,9 @@ class AdapterConfig(ABC):
     disk_prefix: ClassVar[str] = "base_model.model."
     """What HF PEFT puts before a module path in its tensor keys (``base_model.`` for prompt methods, whose
     PEFT model wraps the transformers model directly)."""
+
+    known_to_hf_peft: ClassVar[bool] = True
+    """Whether HF PEFT has this ``peft_type``, so it loads our files (not so for our own methods)."""
 
     own_fields: ClassVar[tuple[str, ...]] = ("base_model_gguf_file",)
     """Fields HF PEFT's config for this ``peft_type`` lacks: ``save_adapter`` writes them to the safetensors
@@ -67,6 +84,13 @@ class AdapterConfig(ABC):
     smaller than bfloat16's resolution (1/128 of a weight's magnitude) would be rounded away. Compute still runs
     in the activations' dtype. ``False`` keeps the base's dtype. A training choice: not written to
     ``adapter_config.json``."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "peft_type" in cls.__dict__:  # a method, not an intermediate base such as PromptLearningConfig
+            if cls.peft_type in CONFIG_CLASSES:
+                raise TypeError(f"peft_type {cls.peft_type!r} is already taken by {CONFIG_CLASSES[cls.peft_type]}.")
+            CONFIG_CLASSES[cls.peft_type] = cls
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -129,8 +153,6 @@ class AdapterConfig(ABC):
         Keys HF PEFT writes at inert values are accepted; a key that would change the math is refused; any other
         unknown key is dropped with a warning (what HF PEFT itself does).
         """
-        from lightning_peft.methods import config_class
-
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}.")
         target = config_class(data.get("peft_type"), source) if cls is AdapterConfig else cls
@@ -156,106 +178,6 @@ class AdapterConfig(ABC):
             raise ConfigError(f"{source}: {err}") from None
 
 
-def check_field_types(config: object) -> None:
-    """Refuse a dataclass field whose value is not of its annotated type, naming the field: a config read from
-    JSON or YAML must fail here rather than deep in the math (ints pass for floats; bools pass for neither)."""
-    hints = typing.get_type_hints(type(config))
-    for field in dataclasses.fields(config):
-        value, hint = getattr(config, field.name), hints[field.name]
-        if not _matches(value, hint):
-            expected = str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
-            raise ConfigError(f"{type(config).__name__}: {field.name}={value!r} is not of type {expected}.")
-
-
-def _matches(value: Any, hint: Any) -> bool:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is typing.Literal:
-        return any(value == arg and type(value) is type(arg) for arg in args)
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, arg) for arg in args)
-    if origin is list:
-        return isinstance(value, (list, tuple, set)) and all(_matches(item, args[0]) for item in value)
-    if origin is dict:
-        return isinstance(value, dict) and all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items())
-    if hint is type(None):
-        return value is None
-    if hint in (int, float):
-        return isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
-    return isinstance(value, hint)
-
-
-def adapter_dtype(config: AdapterConfig, base_weight: torch.Tensor) -> torch.dtype:
-    """The dtype of the adapter parameters built around a base weight (float32 unless the config keeps the
-    base's dtype; a quantized weight has none to keep)."""
-    if config.autocast_adapter_dtype or not base_weight.is_floating_point():
-        return torch.float32
-    return base_weight.dtype
-
-
-def match_module_name(name: str, patterns: str | list[str] | None) -> bool:
-    """HF PEFT's rule: a string is a regex that must match the whole path; a list matches a path or its suffix."""
-    if patterns is None:
-        return False
-    if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
-    return any(name == key or name.endswith("." + key) for key in patterns)
-
-
-def check_module_patterns(field: str, value: Any) -> None:
-    """Refuse a ``target_modules``-like field that is neither a regex string nor a list of names."""
-    if value is None:
-        return
-    if isinstance(value, str):
-        try:
-            re.compile(value)
-        except re.error as err:
-            raise ConfigError(f"{field}={value!r} is not a valid regular expression: {err}.") from None
-        return
-    if not isinstance(value, (list, tuple, set)) or not all(isinstance(v, str) and v for v in value):
-        raise ConfigError(f"{field} must be a list of module names or a regex string, got {value!r}.")
-
-
-def select_targets(
-    model: nn.Module,
-    target_modules: str | list[str],
-    exclude_modules: str | list[str] | None,
-    supported: Callable[[nn.Module], bool],
-    skip: set[str] = frozenset(),
-    what: str = "target_modules",
-) -> dict[str, nn.Module]:
-    """The modules whose path matches ``target_modules`` and not ``exclude_modules``; refuse when none fit.
-
-    ``skip`` holds paths never adapted (the output head under ``"all-linear"``). The error lists the names of
-    the modules that could have been targeted, so the fix is one read away.
-    """
-    found: dict[str, nn.Module] = {}
-    wrong_type: list[str] = []
-    for path, module in model.named_modules():
-        if not path or path in skip:
-            continue
-        if not match_module_name(path, target_modules) or match_module_name(path, exclude_modules):
-            continue
-        if supported(module):
-            found[path] = module
-        else:
-            wrong_type.append(f"{path} ({type(module).__name__})")
-    if found:
-        return found
-    candidates = sorted({p.rsplit(".", 1)[-1] for p, m in model.named_modules() if p and supported(m)})
-    hint = f" Matching modules of a type that cannot be adapted: {', '.join(wrong_type[:5])}." if wrong_type else ""
-    raise TargetModulesError(
-        f"{what}={target_modules!r} matched no adaptable module of {type(model).__name__}.{hint} "
-        f"Adaptable module names: {', '.join(candidates)}. A list entry matches a module path or its last "
-        f"components (e.g. 'q_proj'); a string is a regex that must match the whole path."
-    )
-
-
-def output_head_paths(model: nn.Module) -> set[str]:
-    """Paths of the output embedding (``lm_head``), which ``"all-linear"`` never adapts."""
-    head = model.get_output_embeddings() if isinstance(model, PreTrainedModel) else None
-    return {p for p, m in model.named_modules() if head is not None and m is head}
-
-
 class TrainingHooks:
     """Training-time work of a method beyond its layers' forward; ``PeftCallback`` calls these."""
 
@@ -277,16 +199,24 @@ class TrainingHooks:
 class AdapterLayer(nn.Module, ABC):
     """A module that holds one adapter's trainable tensors next to (or around) a frozen base module.
 
-    ``adapter_parameter_names`` declares which of its parameters are the adapter (they are made trainable, saved
-    and loaded; dotted names reach into submodules); ``disk_names`` maps each to the suffix HF PEFT uses in
-    ``adapter_model.safetensors`` after the layer's path.
+    ``adapter_parameter_names`` declares which of its parameters are the adapter (they are saved and loaded, and
+    trained unless also listed in ``frozen_parameter_names``; dotted names reach into submodules); ``disk_names``
+    maps each to the suffix HF PEFT uses in ``adapter_model.safetensors`` after the layer's path.
 
     A layer usually takes the place of the module at its path. Prompt and prefix tuning add a layer at a new path
     instead, act on the model's inputs through hooks registered in ``bind`` and return None from ``unload``.
+
+    A method that cannot be folded into the base weights sets ``mergeable = False`` and says why in
+    ``merge_refusal``; every merge verb then raises that one MergeError.
     """
 
     adapter_parameter_names: ClassVar[tuple[str, ...]]
+    frozen_parameter_names: ClassVar[tuple[str, ...]] = ()
+    """Adapter parameters saved with the adapter but never trained (LoRA-FA's random projection A)."""
     disk_names: ClassVar[dict[str, str]]
+    mergeable: ClassVar[bool] = True
+    merge_refusal: ClassVar[str] = ""
+    """Why a non-mergeable method cannot merge, and what to do instead (the MergeError's text)."""
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         params = dict(self.named_parameters())
@@ -310,39 +240,54 @@ class AdapterLayer(nn.Module, ABC):
         """The module this layer replaced, as it was before injection (adapter not merged); None for a layer that
         replaced nothing, after removing its hooks."""
 
-    @abstractmethod
     def merge(self) -> None:
         """Fold the adapter into the base weights in place, so forward skips the adapter path."""
+        raise MergeError(self.merge_refusal)
 
-    @abstractmethod
     def unmerge(self) -> None:
-        """Undo ``merge``."""
+        """Undo ``merge`` (nothing to undo for a method that never merges)."""
 
-    @abstractmethod
     def merged_module(self) -> nn.Module:
         """A plain module with the adapter folded in, to take this layer's place for good."""
+        raise MergeError(self.merge_refusal)
 
-    @abstractmethod
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
         """The state dict of ``merged_module()`` computed without changing this layer (for exports)."""
+        raise MergeError(self.merge_refusal)
 
 
 class WrappingLayer(AdapterLayer):
     """An adapter layer that takes the place of one linear layer (``nn.Linear``, GPT-2's ``Conv1D``, a 4-bit or
-    8-bit linear) and keeps it as ``base_layer``.
+    8-bit linear) and keeps it as ``base_layer``: everything such a layer needs beyond its method's math.
 
-    Model code reads attributes of the layers it owns (T5's feed-forward reads ``wo.weight.dtype``), so the
-    public attributes of the replaced layer that model code reads are forwarded here, read-only: ``weight``,
-    ``bias``, ``in_features`` and ``out_features``. They are properties, not registered tensors, so the state
-    dict, the parameter list and the checkpoint names stay those of ``base_layer``; a quantized base hands over
-    its own ``Params4bit``/``Int8Params``. ``in_features``/``out_features`` come from the layer's attributes
-    (``Conv1D``: ``nx``/``nf``), never from the weight's shape, which FSDP flattens.
+    - Shapes: model code reads attributes of the layers it owns (T5's feed-forward reads ``wo.weight.dtype``), so
+      ``weight``, ``bias``, ``in_features`` and ``out_features`` of the replaced layer are forwarded, read-only.
+      They are properties, not registered tensors, so the state dict, the parameter list and the checkpoint names
+      stay those of ``base_layer``; a quantized base hands over its own ``Params4bit``/``Int8Params``.
+      ``in_features``/``out_features`` come from the layer's attributes (``Conv1D``: ``nx``/``nf``), never from
+      the weight's shape, which FSDP flattens.
+    - Dtype policy: ``factory`` gives the dtype (``adapter_dtype``) and device new adapter tensors take;
+      ``compute_dtype`` is the dtype the adapter path computes in.
+    - Merging: a method gives its merge rule over the dense (out, in) float32 weight (``merged_weight`` and its
+      inverse ``unmerged_weight``; by default adding ``delta_weight()``) and, when it changes the bias,
+      ``merged_bias``/``unmerged_bias``. This class does the rest once: the ``merged`` flag, writing back through
+      ``Conv1D``'s transposed layout, refusing in-place merges into quantized weights, ``merged_module`` (a plain
+      layer in the compute dtype for a quantized base) and ``merged_state_dict``.
     """
 
-    def __init__(self, base_layer: nn.Module) -> None:
+    method_name: ClassVar[str]
+    """How error messages name the method (``"LoRA"``)."""
+
+    def __init__(self, base_layer: nn.Module, config: AdapterConfig) -> None:
         super().__init__()
         self.base_layer = base_layer
+        self.config = config
         self.transposed = isinstance(base_layer, Conv1D)  # the base stores its weight as (in, out)
+        self.merged = False
+        weight = base_layer.weight
+        self.factory = {"dtype": adapter_dtype(config, weight), "device": weight.device}
+        self.materialized = weight.device.type != "meta"
+        """False on the meta device, where initialising the adapter's tensors would be wasted."""
 
     @property
     def weight(self) -> torch.Tensor:
@@ -359,3 +304,94 @@ class WrappingLayer(AdapterLayer):
     @property
     def out_features(self) -> int:
         return self.base_layer.nf if self.transposed else self.base_layer.out_features
+
+    def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The adapter path computes in the base's compute dtype (a quantized base's), else the activations'."""
+        return compute_dtype(self.base_layer) or x.dtype
+
+    def dense_weight(self) -> torch.Tensor:
+        """The base weight as an (out, in) tensor in its own dtype (a quantized one dequantized)."""
+        if is_quantized(self.base_layer):
+            return dequantize(self.base_layer)
+        weight = self.base_layer.weight
+        return weight.t() if self.transposed else weight
+
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The merged (out, in) float32 weight from the unmerged one: by default plus the method's ``delta_weight()``
+        (its additive update, (out, in) float32); a method with another rule overrides this and its inverse."""
+        return weight + self.delta_weight()
+
+    def unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The inverse of ``merged_weight``, for ``unmerge``."""
+        return weight - self.delta_weight()
+
+    def merged_bias(self, bias: torch.Tensor) -> torch.Tensor:
+        """The merged bias (float32) from the unmerged one; most methods leave it alone."""
+        return bias
+
+    def unmerged_bias(self, bias: torch.Tensor) -> torch.Tensor:
+        return bias
+
+    def unload(self) -> nn.Module:
+        self.unmerge()
+        return self.base_layer
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        if not self.mergeable:
+            raise MergeError(self.merge_refusal)
+        if not self.base_layer.weight.is_floating_point():
+            raise MergeError(
+                f"Cannot merge {self.method_name} in place into a quantized {type(self.base_layer).__name__}: "
+                f"rounding back to low precision loses the update. Use merge_adapter(model, dtype=...) or "
+                f"MergeCallback, which export dequantized weights."
+            )
+        self._write(self.merged_weight, self.merged_bias)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self._write(self.unmerged_weight, self.unmerged_bias)
+            self.merged = False
+
+    def _write(self, weight_rule: Callable[[torch.Tensor], torch.Tensor],
+               bias_rule: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply a rule to the dense weight and bias and write both back in place (both computed first, so a rule
+        that refuses leaves the layer as it was)."""
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        dense = weight_rule(self.dense_weight().float())
+        new_bias = bias_rule(bias.float()) if bias is not None else None
+        weight.copy_((dense.t() if self.transposed else dense).to(weight.dtype))
+        if bias is not None:
+            bias.copy_(new_bias.to(bias.dtype))
+
+    def merged_module(self) -> nn.Module:
+        if not self.mergeable:
+            raise MergeError(self.merge_refusal)
+        if is_quantized(self.base_layer):  # a plain layer in the compute dtype: rounding back would lose the update
+            state = self.merged_state_dict()
+            return dense_linear(state["weight"], state.get("bias"))
+        self.merge()
+        return self.base_layer
+
+    @torch.no_grad()
+    def merged_state_dict(self) -> dict[str, torch.Tensor]:
+        if not self.mergeable:
+            raise MergeError(self.merge_refusal)
+        weight, bias = self.dense_weight(), self.base_layer.bias
+        merged = weight if self.merged else self.merged_weight(weight.float()).to(weight.dtype)
+        out = {"weight": merged.t() if self.transposed else merged}
+        if bias is not None:
+            out["bias"] = bias.detach() if self.merged else self.merged_bias(bias.float()).to(bias.dtype)
+        return out
+
+
+def adapter_dtype(config: AdapterConfig, base_weight: torch.Tensor) -> torch.dtype:
+    """The dtype of the adapter parameters built around a base weight (float32 unless the config keeps the
+    base's dtype; a quantized weight has none to keep)."""
+    if config.autocast_adapter_dtype or not base_weight.is_floating_point():
+        return torch.float32
+    return base_weight.dtype

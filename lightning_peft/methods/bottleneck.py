@@ -23,11 +23,11 @@ from typing import ClassVar, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from lightning_peft.errors import ConfigError, MergeError
-from lightning_peft.methods.base import AdapterConfig, WrappingLayer, adapter_dtype, check_module_patterns, select_targets
-from lightning_peft.quantization import compute_dtype
+from lightning_peft.errors import ConfigError
+from lightning_peft.methods.base import AdapterConfig, WrappingLayer
+from lightning_peft.targets import family_default, find_targets
+from lightning_peft.validation import check_module_patterns
 
 # The output projection of each sublayer, per family (names or a full-match regex): the adapter follows it.
 PLACES: dict[str, dict[str, list[str] | str]] = {
@@ -51,6 +51,7 @@ class BottleneckAdapterConfig(AdapterConfig):
     """
 
     peft_type: ClassVar[str] = "BOTTLENECK"
+    known_to_hf_peft: ClassVar[bool] = False
 
     reduction_factor: int = 16
     """Bottleneck width is the hidden size divided by this (at least 1)."""
@@ -80,24 +81,19 @@ class BottleneckAdapterConfig(AdapterConfig):
             self.target_modules = sorted(self.target_modules)
 
     def build_layers(self, model: nn.Module) -> dict[str, BottleneckLayer]:
-        targets = self.target_modules
-        if targets is None:
-            model_type = getattr(getattr(model, "config", None), "model_type", None)
-            if model_type not in PLACES:
-                raise ConfigError(f"BottleneckAdapterConfig knows no sublayer outputs for model_type={model_type!r}; "
-                                  f"set target_modules to the attention and feed-forward output projections.")
-            places = PLACES[model_type]
+        selected: dict[str, nn.Module] = {}
+        if self.target_modules is None:
+            try:
+                places = family_default(model, PLACES, "set target_modules to the attention and feed-forward "
+                                                       "output projections.")
+            except ConfigError as err:
+                raise ConfigError(f"BottleneckAdapterConfig knows no sublayer outputs: {err}") from None
             kinds = ["attention", "feedforward"] if self.placement == "both" else [self.placement]
-            selected: dict[str, nn.Module] = {}
             for kind in kinds:
-                selected.update(select_targets(model, places[kind], None, _adaptable))
+                selected.update(find_targets(model, places[kind], None, PLACES, type(self).__name__))
         else:
-            selected = select_targets(model, targets, None, _adaptable)
+            selected = find_targets(model, self.target_modules, None, PLACES, type(self).__name__)
         return {path: BottleneckLayer(module, self) for path, module in sorted(selected.items())}
-
-
-def _adaptable(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, Conv1D))
 
 
 class BottleneckLayer(WrappingLayer):
@@ -108,17 +104,21 @@ class BottleneckLayer(WrappingLayer):
         "adapter_down.weight", "adapter_down.bias", "adapter_up.weight", "adapter_up.bias")
     disk_names: ClassVar[dict[str, str]] = {}
 
+    mergeable: ClassVar[bool] = False
+    merge_refusal: ClassVar[str] = (
+        "Cannot merge a bottleneck adapter: its non-linearity between the down and up projections is not a "
+        "linear map, so no weight matrix equals it. Keep the adapter at inference (load_adapter), or train "
+        "LoRA, DoRA or IA3 for a mergeable adapter."
+    )
+
     def __init__(self, base_layer: nn.Module, config: BottleneckAdapterConfig) -> None:
-        super().__init__(base_layer)
-        self.config = config
-        weight = base_layer.weight
+        super().__init__(base_layer, config)
         hidden = self.out_features
         width = max(1, hidden // config.reduction_factor)
-        factory = {"dtype": adapter_dtype(config, weight), "device": weight.device}
-        self.adapter_down = nn.Linear(hidden, width, **factory)
+        self.adapter_down = nn.Linear(hidden, width, **self.factory)
         self.activation = _ACTIVATIONS[config.non_linearity]()
-        self.adapter_up = nn.Linear(width, hidden, **factory)
-        if weight.device.type != "meta":
+        self.adapter_up = nn.Linear(width, hidden, **self.factory)
+        if self.materialized:
             self.reset_parameters()
 
     @torch.no_grad()
@@ -133,32 +133,10 @@ class BottleneckLayer(WrappingLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.base_layer(x)
-        dtype = compute_dtype(self.base_layer) or h.dtype  # float32 parameters, compute in the activations' dtype
+        dtype = self.compute_dtype(h)  # float32 parameters, compute in the activations' dtype
         down, up = self.adapter_down, self.adapter_up
         hidden = self.activation(F.linear(h.to(dtype), down.weight.to(dtype), down.bias.to(dtype)))
         return h + F.linear(hidden, up.weight.to(dtype), up.bias.to(dtype)).to(h.dtype)
-
-    def unload(self) -> nn.Module:
-        return self.base_layer
-
-    def _refuse(self) -> MergeError:
-        return MergeError(
-            "Cannot merge a bottleneck adapter: its non-linearity between the down and up projections is not a "
-            "linear map, so no weight matrix equals it. Keep the adapter at inference (load_adapter), or train "
-            "LoRA, DoRA or IA3 for a mergeable adapter."
-        )
-
-    def merge(self) -> None:
-        raise self._refuse()
-
-    def unmerge(self) -> None:
-        """Nothing to undo: a bottleneck adapter is never merged."""
-
-    def merged_module(self) -> nn.Module:
-        raise self._refuse()
-
-    def merged_state_dict(self) -> dict[str, torch.Tensor]:
-        raise self._refuse()
 
     def extra_repr(self) -> str:
         return f"width={self.adapter_down.out_features}, non_linearity={self.config.non_linearity}"

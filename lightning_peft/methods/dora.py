@@ -20,22 +20,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_peft.methods.lora import LoraConfig, LoraLayer
-from lightning_peft.quantization import compute_dtype
+from lightning_peft.methods.lora import LoraConfig, LoraLayer, lora_variant
 
 
+@lora_variant("use_dora")
 class DoraLayer(LoraLayer):
     """LoRA plus a trainable magnitude vector around one linear layer (dense, ``Conv1D`` or 4-bit)."""
 
     adapter_parameter_names: ClassVar[tuple[str, ...]] = (*LoraLayer.adapter_parameter_names, "lora_magnitude_vector")
     disk_names: ClassVar[dict[str, str]] = {**LoraLayer.disk_names, "lora_magnitude_vector": "lora_magnitude_vector"}
+    method_name: ClassVar[str] = "DoRA"
 
     def __init__(self, base_layer: nn.Module, config: LoraConfig) -> None:
         super().__init__(base_layer, config)
         self.lora_magnitude_vector = nn.Parameter(
             torch.empty(self.out_features, dtype=self.lora_A.dtype, device=self.lora_A.device))
         self._merge_factor: torch.Tensor | None = None  # f used by the last merge, so unmerge can invert it
-        if self.lora_A.device.type != "meta":
+        if self.materialized:
             self.reset_magnitude()
 
     @torch.no_grad()
@@ -51,7 +52,7 @@ class DoraLayer(LoraLayer):
         result = self.base_layer(x)
         if self.merged:
             return result
-        dtype = compute_dtype(self.base_layer) or x.dtype
+        dtype = self.compute_dtype(x)
         weight = self.dense_weight().to(dtype)  # (out, in); a 4-bit weight dequantized
         lora_A, lora_B = self.lora_A.to(dtype), self.lora_B.to(dtype)
         with torch.no_grad():
@@ -67,42 +68,27 @@ class DoraLayer(LoraLayer):
         update = F.linear(F.linear(h, lora_A), lora_B) * self.scaling
         return result + ((factor - 1) * base + factor * update).to(result.dtype)
 
-    def merged_weight(self) -> torch.Tensor:
-        """``f ⊙ (W + s·BA)`` as an (out, in) fp32 tensor, from the unmerged base weight."""
-        weight, delta = self.dense_weight().float(), self.delta_weight()
-        factor = self.lora_magnitude_vector.float() / self._row_norm(weight, delta)
-        return factor[:, None] * (weight + delta)
+    def _factor(self, weight: torch.Tensor) -> torch.Tensor:
+        """``f = m / ‖W + s·BA‖_row`` (out,) from the unmerged (out, in) float32 weight."""
+        return self.lora_magnitude_vector.float() / self._row_norm(weight, self.delta_weight())
+
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """``f ⊙ (W + s·BA)``."""
+        return self._factor(weight)[:, None] * (weight + self.delta_weight())
+
+    def unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight / self._merge_factor[:, None] - self.delta_weight()
 
     @torch.no_grad()
     def merge(self) -> None:
-        if self.merged:
-            return
-        self._check_dense("merge")
-        weight, delta = self.dense_weight().float(), self.delta_weight()
-        self._merge_factor = self.lora_magnitude_vector.float() / self._row_norm(weight, delta)
-        self._write(self._merge_factor[:, None] * (weight + delta))
-        self.merged = True
+        if not self.merged:  # f depends on W, so the factor of this merge is kept for unmerge
+            self._merge_factor = self._factor(self.dense_weight().float())
+        super().merge()
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        if not self.merged:
-            return
-        self._write(self.dense_weight().float() / self._merge_factor[:, None] - self.delta_weight())
+        super().unmerge()
         self._merge_factor = None
-        self.merged = False
-
-    def _write(self, dense: torch.Tensor) -> None:
-        weight = self.base_layer.weight
-        weight.copy_((dense.t() if self.transposed else dense).to(weight.dtype))
-
-    @torch.no_grad()
-    def merged_state_dict(self) -> dict[str, torch.Tensor]:
-        dtype = self.dense_weight().dtype
-        merged = self.dense_weight() if self.merged else self.merged_weight().to(dtype)
-        out = {"weight": merged.t() if self.transposed else merged}
-        if self.base_layer.bias is not None:
-            out["bias"] = self.base_layer.bias.detach()
-        return out
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, dora=True"

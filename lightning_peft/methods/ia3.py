@@ -18,19 +18,11 @@ from typing import ClassVar
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from lightning_peft.errors import ConfigError, MergeError
-from lightning_peft.methods.base import (
-    AdapterConfig,
-    WrappingLayer,
-    adapter_dtype,
-    check_module_patterns,
-    match_module_name,
-    output_head_paths,
-    select_targets,
-)
-from lightning_peft.quantization import compute_dtype, dense_linear, dequantize, is_quantized
+from lightning_peft.methods.base import AdapterConfig, WrappingLayer
+from lightning_peft.targets import family_default, find_targets, match_module_name
+from lightning_peft.validation import check_module_patterns
 
 # HF PEFT's defaults for the families we test: keys, values and the feed-forward down projection.
 DEFAULT_TARGETS = {
@@ -88,23 +80,13 @@ class IA3Config(AdapterConfig):
                 raise ConfigError(f"feedforward_modules {extra} end no entry of target_modules "
                                   f"{self.target_modules}; a feed-forward module must also be a target.")
 
-    def _defaults(self, model: nn.Module) -> tuple[list[str] | str, list[str] | str]:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        targets, feedforward = self.target_modules, self.feedforward_modules
-        if (targets is None or feedforward is None) and model_type not in DEFAULT_TARGETS:
-            raise ConfigError(f"IA3Config needs target_modules and feedforward_modules for model_type={model_type!r} "
-                              f"(no default); e.g. target_modules=['k_proj', 'v_proj', 'down_proj'], "
-                              f"feedforward_modules=['down_proj'].")
-        return (DEFAULT_TARGETS[model_type] if targets is None else targets,
-                DEFAULT_FEEDFORWARD[model_type] if feedforward is None else feedforward)
-
     def build_layers(self, model: nn.Module) -> dict[str, IA3Layer]:
-        targets, feedforward = self._defaults(model)
-        skip = set()
-        if targets == "all-linear":
-            targets, skip = r".*", output_head_paths(model)
-        selected = select_targets(model, targets, self.exclude_modules,
-                                  lambda m: isinstance(m, (nn.Linear, Conv1D)), skip)
+        feedforward = self.feedforward_modules
+        if feedforward is None:
+            feedforward = family_default(model, DEFAULT_FEEDFORWARD, "IA3Config needs target_modules and "
+                                         "feedforward_modules, e.g. target_modules=['k_proj', 'v_proj', 'down_proj'], "
+                                         "feedforward_modules=['down_proj'].")
+        selected = find_targets(model, self.target_modules, self.exclude_modules, DEFAULT_TARGETS, "IA3Config")
         return {path: IA3Layer(module, self, _is_feedforward(path, feedforward)) for path, module in selected.items()}
 
 
@@ -121,86 +103,41 @@ class IA3Layer(WrappingLayer):
 
     adapter_parameter_names: ClassVar[tuple[str, ...]] = ("ia3_l",)
     disk_names: ClassVar[dict[str, str]] = {"ia3_l": "ia3_l"}
+    method_name: ClassVar[str] = "IA3"
 
     def __init__(self, base_layer: nn.Module, config: IA3Config, is_feedforward: bool) -> None:
-        super().__init__(base_layer)
-        self.config = config
+        super().__init__(base_layer, config)
         self.is_feedforward = is_feedforward
-        weight = base_layer.weight
         shape = (1, self.in_features) if is_feedforward else (self.out_features, 1)
-        self.ia3_l = nn.Parameter(torch.ones(shape, dtype=adapter_dtype(config, weight), device=weight.device))
-        if config.init_ia3_weights is False and weight.device.type != "meta":
+        self.ia3_l = nn.Parameter(torch.ones(shape, **self.factory))
+        if config.init_ia3_weights is False and self.materialized:
             with torch.no_grad():
                 self.ia3_l.add_(torch.randn_like(self.ia3_l) * 0.3)
-        self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
         scale = self.ia3_l.flatten()
         if self.is_feedforward:
-            dtype = compute_dtype(self.base_layer) or x.dtype
+            dtype = self.compute_dtype(x)
             return self.base_layer((x.to(dtype) * scale.to(dtype)).to(x.dtype))
         result = self.base_layer(x)
         return (result * scale.to(result.dtype)).to(result.dtype)
 
-    def _dense_weight(self) -> torch.Tensor:
-        if is_quantized(self.base_layer):
-            return dequantize(self.base_layer)
-        return self.base_layer.weight.t() if self.transposed else self.base_layer.weight
+    # l is (1, in) or (out, 1): broadcasting against the (out, in) weight scales its columns or its rows.
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.ia3_l.float()
 
-    def _weight_factor(self) -> torch.Tensor:
-        """``l`` shaped to multiply the (out, in) weight: columns for feed-forward layers, rows otherwise."""
-        return self.ia3_l.float()  # (1, in) or (out, 1): broadcasting picks columns or rows
-
-    @torch.no_grad()
-    def _scale(self, inverse: bool) -> None:
-        if not self.base_layer.weight.is_floating_point():
-            raise MergeError(f"Cannot merge IA3 in place into a quantized {type(self.base_layer).__name__}: rounding "
-                             f"back to low precision loses the update. Use merge_adapter(model, dtype=...) or "
-                             f"MergeCallback, which export dequantized weights.")
-        factor = self._weight_factor()
-        if inverse and not torch.all(factor != 0):
+    def unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        if not torch.all(self.ia3_l != 0):
             raise MergeError("Cannot unmerge IA3: a scaling entry is zero, so the original weight is lost.")
-        weight, bias = self.base_layer.weight, self.base_layer.bias
-        dense = weight.float().t() if self.transposed else weight.float()
-        dense = dense / factor if inverse else dense * factor
-        weight.copy_((dense.t() if self.transposed else dense).to(weight.dtype))
-        if bias is not None and not self.is_feedforward:
-            flat = factor.flatten()
-            bias.copy_((bias.float() / flat if inverse else bias.float() * flat).to(bias.dtype))
+        return weight / self.ia3_l.float()
 
-    def merge(self) -> None:
-        if not self.merged:
-            self._scale(inverse=False)
-            self.merged = True
+    def merged_bias(self, bias: torch.Tensor) -> torch.Tensor:
+        return bias if self.is_feedforward else bias * self.ia3_l.float().flatten()
 
-    def unmerge(self) -> None:
-        if self.merged:
-            self._scale(inverse=True)
-            self.merged = False
-
-    def unload(self) -> nn.Module:
-        self.unmerge()
-        return self.base_layer
-
-    def merged_module(self) -> nn.Module:
-        if is_quantized(self.base_layer):  # a plain layer in the compute dtype: rounding back would lose the update
-            state = self.merged_state_dict()
-            return dense_linear(state["weight"], state.get("bias"))
-        self.merge()
-        return self.base_layer
-
-    @torch.no_grad()
-    def merged_state_dict(self) -> dict[str, torch.Tensor]:
-        weight = self._dense_weight()
-        merged = weight if self.merged else (weight.float() * self._weight_factor()).to(weight.dtype)
-        out = {"weight": merged.t() if self.transposed else merged}
-        bias = self.base_layer.bias
-        if bias is not None:
-            scaled = not self.merged and not self.is_feedforward
-            out["bias"] = (bias.float() * self.ia3_l.float().flatten()).to(bias.dtype) if scaled else bias.detach()
-        return out
+    def unmerged_bias(self, bias: torch.Tensor) -> torch.Tensor:
+        return bias if self.is_feedforward else bias / self.ia3_l.float().flatten()
 
     def extra_repr(self) -> str:
         side = "input" if self.is_feedforward else "output"

@@ -16,24 +16,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from lightning_peft.errors import ConfigError, MergeError
-from lightning_peft.methods.base import (
-    AdapterConfig,
-    AdapterLayer,
-    WrappingLayer,
-    adapter_dtype,
-    check_module_patterns,
-    output_head_paths,
-    select_targets,
-)
-from lightning_peft.quantization import compute_dtype, dense_linear, dequantize, is_quantized
+from lightning_peft.errors import ConfigError
+from lightning_peft.methods.base import AdapterConfig, AdapterLayer, WrappingLayer
+from lightning_peft.targets import find_targets
+from lightning_peft.validation import check_module_patterns
 
 # What HF PEFT targets when target_modules is not given, for the families we test.
 DEFAULT_TARGETS = {
@@ -109,24 +102,9 @@ class LoraConfig(AdapterConfig):
             self.target_modules = sorted(self.target_modules)
 
     def build_layers(self, model: nn.Module) -> dict[str, LoraLayer]:
-        targets = self.target_modules
-        if targets is None:
-            model_type = getattr(getattr(model, "config", None), "model_type", None)
-            if model_type not in DEFAULT_TARGETS:
-                raise ConfigError(
-                    f"LoraConfig has no target_modules and there is no default for model_type={model_type!r}; "
-                    f"set target_modules (e.g. ['q_proj', 'v_proj'] or 'all-linear')."
-                )
-            targets = DEFAULT_TARGETS[model_type]
-        skip = set()
-        if targets == "all-linear":
-            targets, skip = r".*", output_head_paths(model)
-        selected = select_targets(model, targets, self.exclude_modules, _adaptable, skip)
-        if self.use_dora:
-            from lightning_peft.methods.dora import DoraLayer  # dora.py builds on this module
-
-            return {path: DoraLayer(module, self) for path, module in selected.items()}
-        return {path: LoraLayer(module, self) for path, module in selected.items()}
+        layer = next((cls for flag, cls in LAYER_VARIANTS.items() if getattr(self, flag)), LoraLayer)
+        selected = find_targets(model, self.target_modules, self.exclude_modules, DEFAULT_TARGETS, type(self).__name__)
+        return {path: layer(module, self) for path, module in selected.items()}
 
     def lr_ratios(self, model: nn.Module) -> list[tuple[nn.Parameter, float]]:
         if self.loraplus_lr_ratio is None:
@@ -141,10 +119,6 @@ class LoraConfig(AdapterConfig):
         return []
 
 
-def _adaptable(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, Conv1D))
-
-
 class LoraLayer(WrappingLayer):
     """LoRA around one linear layer (``nn.Linear``, GPT-2's ``Conv1D``, or a quantized linear).
 
@@ -154,19 +128,16 @@ class LoraLayer(WrappingLayer):
 
     adapter_parameter_names: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B")
     disk_names: ClassVar[dict[str, str]] = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+    method_name: ClassVar[str] = "LoRA"
 
     def __init__(self, base_layer: nn.Module, config: LoraConfig) -> None:
-        super().__init__(base_layer)
-        self.config = config
-        weight = base_layer.weight
-        dtype = adapter_dtype(config, weight)
+        super().__init__(base_layer, config)
         self.r = config.r
         self.scaling = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
-        self.lora_A = nn.Parameter(torch.empty(config.r, self.in_features, dtype=dtype, device=weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, config.r, dtype=dtype, device=weight.device))
+        self.lora_A = nn.Parameter(torch.empty(config.r, self.in_features, **self.factory))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, config.r, **self.factory))
         self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else None
-        self.merged = False
-        if weight.device.type != "meta":
+        if self.materialized:
             self.reset_parameters()
 
     @torch.no_grad()
@@ -186,7 +157,7 @@ class LoraLayer(WrappingLayer):
         if self.merged:
             return result
         h = x if self.lora_dropout is None else self.lora_dropout(x)
-        dtype = compute_dtype(self.base_layer) or x.dtype  # float32 parameters, compute in the activations' dtype
+        dtype = self.compute_dtype(x)  # float32 parameters, compute in the activations' dtype
         down = F.linear(h.to(dtype), self.lora_A.to(dtype))  # (..., r): the cheap side of the product
         if result.dtype != down.dtype:
             return result + F.linear(down * self.scaling, self.lora_B.to(dtype)).to(result.dtype)
@@ -199,59 +170,18 @@ class LoraLayer(WrappingLayer):
         """``scaling · B A`` as an (out, in) fp32 tensor."""
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
 
-    def dense_weight(self) -> torch.Tensor:
-        """The base weight as an (out, in) tensor in its own dtype (a quantized one dequantized)."""
-        if is_quantized(self.base_layer):
-            return dequantize(self.base_layer)
-        weight = self.base_layer.weight
-        return weight.t() if self.transposed else weight
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.merged:
-            return
-        self._check_dense("merge")
-        weight = self.base_layer.weight
-        delta = self.delta_weight()
-        weight.add_((delta.t() if self.transposed else delta).to(weight.dtype))
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            return
-        weight = self.base_layer.weight
-        delta = self.delta_weight()
-        weight.sub_((delta.t() if self.transposed else delta).to(weight.dtype))
-        self.merged = False
-
-    def unload(self) -> nn.Module:
-        self.unmerge()
-        return self.base_layer
-
-    def merged_module(self) -> nn.Module:
-        if is_quantized(self.base_layer):  # a plain layer in the compute dtype: rounding back would lose the update
-            state = self.merged_state_dict()
-            return dense_linear(state["weight"], state.get("bias"))
-        self.merge()
-        return self.base_layer
-
-    @torch.no_grad()
-    def merged_state_dict(self) -> dict[str, torch.Tensor]:
-        weight = self.dense_weight()
-        merged = weight if self.merged else (weight.float() + self.delta_weight()).to(weight.dtype)
-        out = {"weight": merged.t() if self.transposed else merged}
-        if self.base_layer.bias is not None:
-            out["bias"] = self.base_layer.bias.detach()
-        return out
-
-    def _check_dense(self, verb: str) -> None:
-        if not self.base_layer.weight.is_floating_point():
-            raise MergeError(
-                f"Cannot {verb} LoRA in place into a quantized {type(self.base_layer).__name__}: rounding back to "
-                f"low precision loses the update. Use merge_adapter(model, dtype=...) or MergeCallback, which "
-                f"export dequantized weights."
-            )
-
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+LAYER_VARIANTS: dict[str, type[LoraLayer]] = {}
+"""LoRA variants chosen by a ``LoraConfig`` flag, by flag name (``use_dora``): each variant's module adds itself
+with ``lora_variant``, so this module needs none of them."""
+
+
+def lora_variant(flag: str) -> Callable[[type[LoraLayer]], type[LoraLayer]]:
+    """Class decorator: ``LoraConfig`` builds the decorated layer when its field ``flag`` is set."""
+    def register(cls: type[LoraLayer]) -> type[LoraLayer]:
+        LAYER_VARIANTS[flag] = cls
+        return cls
+    return register

@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from transformers import Cache, DynamicCache, PretrainedConfig, PreTrainedModel
 
-from lightning_peft.errors import ConfigError, MergeError
+from lightning_peft.errors import ConfigError
 from lightning_peft.methods.base import AdapterLayer
 from lightning_peft.methods.prompt import (
     ENCODER_PATH,
@@ -124,6 +124,12 @@ class PrefixEncoder(AdapterLayer):
     a forward pre-hook on the backbone. Added to the model as ``prompt_encoder``; it replaces no module."""
 
     disk_names: ClassVar[dict[str, str]] = {"prompt_embeddings": "prompt_embeddings"}
+    mergeable: ClassVar[bool] = False
+    merge_refusal: ClassVar[str] = (
+        "Cannot merge prefix tuning into the model: its prefix is extra keys and values every "
+        "attention layer reads, not a change to any weight. Keep the adapter loaded "
+        "(load_adapter) or serve it with HF PEFT."
+    )
 
     def __init__(self, config: PrefixTuningConfig, device: torch.device | None = None) -> None:
         super().__init__()
@@ -203,23 +209,6 @@ class PrefixEncoder(AdapterLayer):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-
-    def _refuse(self) -> MergeError:
-        return MergeError("Cannot merge prefix tuning into the model: its prefix is extra keys and values every "
-                          "attention layer reads, not a change to any weight. Keep the adapter loaded "
-                          "(load_adapter) or serve it with HF PEFT.")
-
-    def merge(self) -> None:
-        raise self._refuse()
-
-    def unmerge(self) -> None:
-        raise self._refuse()
-
-    def merged_module(self) -> nn.Module:
-        raise self._refuse()
-
-    def merged_state_dict(self) -> dict[str, torch.Tensor]:
-        raise self._refuse()
 
     def extra_repr(self) -> str:
         return (f"num_virtual_tokens={self.num_virtual_tokens}, num_layers={self.num_layers}, "

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from transformers import Cache, PreTrainedModel
 
-from lightning_peft.errors import ConfigError, MergeError
+from lightning_peft.errors import ConfigError
 from lightning_peft.methods.base import AdapterConfig, AdapterLayer
 
 PROMPT_TASKS = ("CAUSAL_LM", "SEQ_CLS")
@@ -187,6 +187,12 @@ class PromptEncoder(AdapterLayer):
 
     adapter_parameter_names: ClassVar[tuple[str, ...]] = ("prompt_embeddings",)
     disk_names: ClassVar[dict[str, str]] = {"prompt_embeddings": "prompt_embeddings"}
+    mergeable: ClassVar[bool] = False
+    merge_refusal: ClassVar[str] = (
+        "Cannot merge prompt tuning into the model: its virtual tokens are extra inputs in front "
+        "of every sequence, not a change to any weight. Keep the adapter loaded (load_adapter) "
+        "or serve it with HF PEFT."
+    )
 
     def __init__(self, config: PromptTuningConfig, initial: torch.Tensor) -> None:
         super().__init__()
@@ -235,23 +241,6 @@ class PromptEncoder(AdapterLayer):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-
-    def _refuse(self) -> MergeError:
-        return MergeError("Cannot merge prompt tuning into the model: its virtual tokens are extra inputs in front "
-                          "of every sequence, not a change to any weight. Keep the adapter loaded (load_adapter) "
-                          "or serve it with HF PEFT.")
-
-    def merge(self) -> None:
-        raise self._refuse()
-
-    def unmerge(self) -> None:
-        raise self._refuse()
-
-    def merged_module(self) -> nn.Module:
-        raise self._refuse()
-
-    def merged_state_dict(self) -> dict[str, torch.Tensor]:
-        raise self._refuse()
 
     def extra_repr(self) -> str:
         return f"num_virtual_tokens={self.num_virtual_tokens}, token_dim={self.prompt_embeddings.shape[1]}"
