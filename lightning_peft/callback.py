@@ -155,6 +155,8 @@ class PeftCallback(Callback):
         rank_zero_info(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
 
     def _prune_optimizers(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._method_optimizer(trainer, pl_module):
+            return
         trainable = [p for p in pl_module.parameters() if p.requires_grad]
         trainable_ids = {id(p) for p in trainable}
         optimized = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
@@ -181,6 +183,32 @@ class PeftCallback(Callback):
         if left_out:
             rank_zero_warn(f"{len(left_out)} trainable adapter tensors are in no optimizer and will not train; "
                            f"pass self.parameters() (frozen ones are removed for you).")
+
+    def _method_optimizer(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """Install the optimizer the method must train with (GaLore's), if it has one; True when installed.
+
+        A module whose ``configure_optimizers`` returned another optimizer is refused: replacing it silently
+        would drop the user's settings, and keeping it would not be the method."""
+        model = find_transformer(pl_module)[1]
+        config = active_config(model)
+        own = config.build_optimizer(model, self.learning_rate, self.weight_decay)
+        if own is None:
+            return False
+        configured = [opt for opt in trainer.optimizers if any(group["params"] for group in opt.param_groups)]
+        if not configured:
+            trainer.optimizers = [own]
+            rank_zero_info(f"{type(config).__name__}: built {type(own).__name__} (lr={self.learning_rate}).")
+            return True
+        if all(isinstance(opt, type(own)) for opt in configured):
+            return False
+        name = type(config).__name__
+        raise ConfigError(
+            f"{name} trains with its own optimizer ({type(own).__name__}), but configure_optimizers returned "
+            f"{', '.join(type(opt).__name__ for opt in configured)}. Return None from configure_optimizers to let "
+            f"PeftCallback build it (learning_rate and weight_decay from PeftCallback; rank, update_proj_gap, "
+            f"scale and optim from {name}), or build it there with "
+            f"`{name}.build_optimizer(model, lr, weight_decay)` to add a scheduler."
+        )
 
     def _split_lr_groups(self, trainer: pl.Trainer, model: torch.nn.Module) -> None:
         """Give the parameters the method trains at another rate (LoRA+'s B matrices) param groups of their own, in

@@ -24,6 +24,7 @@ from lightning_peft.data import prompt_text
 from lightning_peft.errors import ConfigError
 from lightning_peft.loss import TokenPerplexity, causal_lm_loss
 from lightning_peft.resources import remember_source, resolve_path
+from lightning_peft.surgery import active_config
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 
@@ -70,7 +71,10 @@ class _TransformerModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay)
+        config = active_config(self.model)
+        optimizer = config.build_optimizer(self.model, self.learning_rate, self.weight_decay) if config else None
+        if optimizer is None:  # the method (GaLore) may need an optimizer of its own
+            optimizer = torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = min(self.warmup_steps, total - 1)
 

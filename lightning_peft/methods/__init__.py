@@ -4,6 +4,7 @@ from lightning_peft.errors import ConfigError
 from lightning_peft.methods.adalora import AdaLoraConfig
 from lightning_peft.methods.base import AdapterConfig, AdapterLayer
 from lightning_peft.methods.bottleneck import BottleneckAdapterConfig
+from lightning_peft.methods.galore import GaLoreConfig
 from lightning_peft.methods.ia3 import IA3Config
 from lightning_peft.methods.lora import LoraConfig, LoraLayer
 from lightning_peft.methods.prefix import PrefixTuningConfig
@@ -11,7 +12,8 @@ from lightning_peft.methods.prompt import PromptTuningConfig
 
 CONFIG_CLASSES: dict[str, type[AdapterConfig]] = {
     cls.peft_type: cls
-    for cls in (LoraConfig, AdaLoraConfig, IA3Config, BottleneckAdapterConfig, PromptTuningConfig, PrefixTuningConfig)
+    for cls in (LoraConfig, AdaLoraConfig, IA3Config, BottleneckAdapterConfig, PromptTuningConfig, PrefixTuningConfig,
+                GaLoreConfig)
 }
 
 
@@ -30,6 +32,7 @@ __all__ = [
     "AdapterConfig",
     "AdapterLayer",
     "BottleneckAdapterConfig",
+    "GaLoreConfig",
     "IA3Config",
     "LoraConfig",
     "LoraLayer",
