@@ -147,3 +147,52 @@ def test_a_quantized_base_is_refused_before_quantizing():
     with pytest.raises(ConfigError, match="trains the base weights themselves"):
         trainer(strategy=strategy, callbacks=[PeftCallback(galore())], max_steps=1).fit(module, loader(n=4))
     assert all(type(p) is torch.nn.Parameter for p in module.model.parameters())
+
+
+def test_causal_lm_module_builds_galore_under_its_schedule(tmp_path):
+    from torch.utils.data import DataLoader
+
+    from lightning_peft import CausalLMModule
+    from tiny_assets import save_tiny_causal_lm
+
+    module = CausalLMModule(str(save_tiny_causal_lm(tmp_path / "llama")), warmup_steps=1)
+    vocab = module.tokenizer.vocab_size
+    ids = torch.randint(1, vocab, (4, 8), generator=torch.Generator().manual_seed(0))
+    rows = [{"input_ids": row, "attention_mask": torch.ones_like(row), "labels": row} for row in ids]
+    trainer(callbacks=[PeftCallback(galore())], max_steps=2).fit(module, DataLoader(rows, batch_size=2))
+    (optimizer,) = module.trainer.optimizers
+    assert isinstance(optimizer, GaLoreAdamW) and len(optimizer.state) == 6
+    assert module.trainer.lr_scheduler_configs[0].scheduler.optimizer is optimizer
+
+
+def test_8bit_steps_are_bitsandbytes_adamw8bit_in_the_projection():
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(300, 40))  # 300 x 3 projected moments: two 8-bit blocks
+    grads = [torch.randn(300, 40) for _ in range(3)]
+    optimizer = GaLoreAdamW([{"params": [weight], "rank": 3}], lr=0.1, update_proj_gap=2, scale=0.5, eight_bit=True)
+    expected = weight.detach().clone()
+    low = torch.nn.Parameter(torch.zeros(300, 3))  # bitsandbytes' own AdamW8bit on the projected gradients
+    reference = bnb.optim.AdamW8bit([low], lr=1.0, weight_decay=0.0, eps=1e-8, min_8bit_size=0)
+    for t, grad in enumerate(grads):
+        if t % 2 == 0:
+            proj = torch.linalg.svd(grad, full_matrices=False)[2][:3]
+        low.data.zero_()
+        low.grad = grad @ proj.T
+        reference.step()
+        expected += 0.1 * 0.5 * (low.detach() @ proj)  # low holds minus the direction
+        weight.grad = grad.clone()
+        optimizer.step()
+    torch.testing.assert_close(weight.detach(), expected, rtol=1e-5, atol=1e-6)
+    assert optimizer.state[weight]["state1"].dtype == torch.uint8
+
+
+def test_resume_keeps_float32_state_of_a_bfloat16_weight():
+    weight = torch.nn.Parameter(torch.randn(8, 6, dtype=torch.bfloat16))
+    optimizer = GaLoreAdamW([{"params": [weight], "rank": 2}], lr=0.1)
+    weight.grad = torch.randn_like(weight)
+    optimizer.step()
+    fresh = GaLoreAdamW([{"params": [weight], "rank": 2}], lr=0.1)
+    fresh.load_state_dict(optimizer.state_dict())
+    assert {k: v.dtype for k, v in fresh.state[weight].items() if k != "step"} == dict.fromkeys(
+        ["projection", "exp_avg", "exp_avg_sq"], torch.float32)

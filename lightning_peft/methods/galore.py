@@ -57,6 +57,7 @@ class GaLoreConfig(AdapterConfig):
     """Linear layers whose weights train in full (names or suffixes, or a regex), e.g. attention and MLP
     projections."""
     exclude_modules: str | list[str] | None = None
+    """Linear layers left frozen even where ``target_modules`` matches them."""
     rank: int = 128
     """Rank of the gradient projection; a weight smaller than it in both dimensions projects at its own size."""
     update_proj_gap: int = 200
@@ -65,8 +66,9 @@ class GaLoreConfig(AdapterConfig):
     """Factor on the projected-back update (the paper's alpha)."""
     proj_type: Literal["std"] = "std"
     """Projection side: ``"std"`` projects along the smaller dimension of each weight, as in the paper."""
-    optim: Literal["adamw"] = "adamw"
-    """The optimizer run in the projected space: AdamW (state in float32)."""
+    optim: Literal["adamw", "adamw8bit"] = "adamw"
+    """The optimizer run in the projected space: ``"adamw"`` keeps its moments in float32, ``"adamw8bit"`` in
+    bitsandbytes' blockwise 8 bits (the projection stays float32)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -116,7 +118,7 @@ class GaLoreConfig(AdapterConfig):
         if rest:  # heads trained in full (modules_to_save): plain AdamW in the same optimizer
             groups.append({"params": rest, "rank": None})
         return GaLoreAdamW(groups, lr=learning_rate, weight_decay=weight_decay,
-                           update_proj_gap=self.update_proj_gap, scale=self.scale)
+                           update_proj_gap=self.update_proj_gap, scale=self.scale, eight_bit=self.optim == "adamw8bit")
 
 
 class GaLoreRecord(AdapterLayer):
@@ -150,14 +152,26 @@ class GaLoreRecord(AdapterLayer):
 class GaLoreAdamW(torch.optim.Optimizer):
     """AdamW whose moments live in a low-rank projection of each gradient (param groups with ``rank`` set);
     groups with ``rank=None`` take plain AdamW steps. All state is tensors (projection included), so it
-    checkpoints and restores like any torch optimizer."""
+    checkpoints and restores like any torch optimizer. With ``eight_bit`` the projected moments are kept in
+    bitsandbytes' blockwise 8-bit format and updated by its kernel."""
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, update_proj_gap: int = 200, scale: float = 0.25,
-                 rank: int | None = None) -> None:
+                 rank: int | None = None, eight_bit: bool = False) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, update_proj_gap=update_proj_gap,
-                        scale=scale, rank=rank)
+                        scale=scale, rank=rank, eight_bit=eight_bit)
         super().__init__(params, defaults)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the state as saved: torch casts floating state to each parameter's dtype, which would turn the
+        float32 moments and projection of a bfloat16 weight (and 8-bit quantization maps) into bfloat16."""
+        super().load_state_dict(state_dict)
+        saved = [index for group in state_dict["param_groups"] for index in group["params"]]
+        params = [param for group in self.param_groups for param in group["params"]]
+        for index, param in zip(saved, params):
+            for key, value in state_dict["state"].get(index, {}).items():
+                if torch.is_tensor(value) and key != "step":
+                    self.state[param][key] = value.to(param.device, copy=True)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -181,13 +195,16 @@ class GaLoreAdamW(torch.optim.Optimizer):
                         state["projection"] = projection(grad, group["rank"])
                     proj = state["projection"]
                     grad = grad @ proj.T if right else proj.T @ grad
-                if "exp_avg" not in state:
-                    state["exp_avg"] = torch.zeros_like(grad)
-                    state["exp_avg_sq"] = torch.zeros_like(grad)
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                exp_avg.lerp_(grad, 1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                update = (exp_avg / (1 - beta1**step)) / ((exp_avg_sq / (1 - beta2**step)).sqrt() + group["eps"])
+                if projected and group["eight_bit"]:
+                    update = adam_8bit_direction(state, grad, group["betas"], group["eps"], step)
+                else:
+                    if "exp_avg" not in state:
+                        state["exp_avg"] = torch.zeros_like(grad)
+                        state["exp_avg_sq"] = torch.zeros_like(grad)
+                    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                    exp_avg.lerp_(grad, 1 - beta1)
+                    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                    update = (exp_avg / (1 - beta1**step)) / ((exp_avg_sq / (1 - beta2**step)).sqrt() + group["eps"])
                 if projected:
                     update = (update @ proj if right else proj @ update) * group["scale"]
                 param.mul_(1 - group["lr"] * group["weight_decay"])
@@ -202,3 +219,28 @@ def projection(grad: torch.Tensor, rank: int) -> torch.Tensor:
     rows, cols = grad.shape
     return vh[:rank] if rows >= cols else u[:, :rank]
 
+
+
+_BLOCK = 256  # values per absmax block of bitsandbytes' blockwise 8-bit optimizer state
+
+
+def adam_8bit_direction(state: dict[str, Any], grad: torch.Tensor, betas: tuple[float, float], eps: float,
+                        step: int) -> torch.Tensor:
+    """Adam's bias-corrected step direction for ``grad`` with both moments in ``state`` as blockwise 8-bit values,
+    computed by bitsandbytes' kernel: it runs on a zero buffer at learning rate 1, which it leaves holding minus
+    the direction (bitsandbytes adds ``eps`` to the uncorrected root of the second moment)."""
+    import bitsandbytes.functional as bnb_functional
+
+    if "state1" not in state:
+        blocks = -(-grad.numel() // _BLOCK)
+        state["state1"] = torch.zeros_like(grad, dtype=torch.uint8)
+        state["state2"] = torch.zeros_like(grad, dtype=torch.uint8)
+        state["qmap1"] = bnb_functional.create_dynamic_map(signed=True).to(grad.device)
+        state["qmap2"] = bnb_functional.create_dynamic_map(signed=False).to(grad.device)
+        state["absmax1"] = torch.zeros(blocks, dtype=torch.float32, device=grad.device)
+        state["absmax2"] = torch.zeros(blocks, dtype=torch.float32, device=grad.device)
+    buffer = torch.zeros_like(grad)
+    bnb_functional.optimizer_update_8bit_blockwise(
+        "adam", grad.contiguous(), buffer, state["state1"], state["state2"], betas[0], betas[1], 0.0, 0.0, eps, step,
+        1.0, state["qmap1"], state["qmap2"], state["absmax1"], state["absmax2"])
+    return buffer.neg_()
