@@ -102,10 +102,17 @@ def make_module(model=None, pretrained_dir: str | None = None):
     return CausalLM()
 
 
-def step_timer():
+def step_timer(accelerator: str):
     """A callback recording the wall time of every training-loop iteration (batch end to batch end), and the
-    process's peak RSS when training starts (what loading and preparing the model took)."""
+    process's peak RSS when training starts (what loading and preparing the model took). On CUDA it waits for the
+    GPU's queued work before reading the clock: kernels run asynchronously, so the clock alone would time the
+    launches, not the step."""
     from lightning.pytorch.callbacks import Callback
+
+    def now() -> float:
+        if accelerator == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
 
     class StepTimer(Callback):
         def __init__(self) -> None:
@@ -114,15 +121,16 @@ def step_timer():
 
         def on_train_start(self, trainer, pl_module) -> None:
             self.ready_peak_mb = peak_rss_mb()
-            self.ends.append(time.perf_counter())
+            self.ends.append(now())
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            self.ends.append(time.perf_counter())
+            self.ends.append(now())
 
     return StepTimer()
 
 
-def fit(module, callbacks: list, steps: int, accelerator: str, checkpoint: bool, strategy="auto") -> dict:
+def fit(module, callbacks: list, steps: int, accelerator: str, checkpoint: bool, strategy="auto",
+        precision: str = "32-true") -> dict:
     """Train ``steps`` steps with Lightning's defaults, ModelCheckpoint included when ``checkpoint``.
 
     Returns the step times, the peak RSS when training started (what loading the model took) and at the end,
@@ -130,9 +138,9 @@ def fit(module, callbacks: list, steps: int, accelerator: str, checkpoint: bool,
     """
     import lightning as L
 
-    timer = step_timer()
+    timer = step_timer(accelerator)
     with tempfile.TemporaryDirectory() as root:
-        trainer = L.Trainer(accelerator=accelerator, devices=1, precision="32-true", max_steps=steps, logger=False,
+        trainer = L.Trainer(accelerator=accelerator, devices=1, precision=precision, max_steps=steps, logger=False,
                             enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=checkpoint,
                             default_root_dir=root, callbacks=[*callbacks, timer], strategy=strategy)
         trainer.fit(module, data_loader(steps))
@@ -148,9 +156,10 @@ def fit(module, callbacks: list, steps: int, accelerator: str, checkpoint: bool,
     return out
 
 
-def contender_setup(contender: str, pretrained_dir: str | None, accelerator: str) -> dict:
+def contender_setup(contender: str, pretrained_dir: str | None, accelerator: str, compute: str = "float32") -> dict:
     """What one contender hands to ``fit``: HF PEFT wraps the model, we add a callback (and, for a 4-bit base,
-    our strategy, which quantizes while it streams the weights in). ``pretrained_dir`` given: QLoRA."""
+    our strategy, which quantizes while it streams the weights in). ``pretrained_dir`` given: QLoRA, its 4-bit
+    layers computing in ``compute``."""
     if contender == "theirs":
         import peft
 
@@ -159,7 +168,7 @@ def contender_setup(contender: str, pretrained_dir: str | None, accelerator: str
         else:
             from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-            quant = BitsAndBytesConfig(**NF4, bnb_4bit_compute_dtype=torch.float32)
+            quant = BitsAndBytesConfig(**NF4, bnb_4bit_compute_dtype=getattr(torch, compute))
             model = AutoModelForCausalLM.from_pretrained(pretrained_dir, quantization_config=quant,
                                                          dtype=torch.float32, device_map=accelerator)
             model.train()
@@ -171,7 +180,7 @@ def contender_setup(contender: str, pretrained_dir: str | None, accelerator: str
         return dict(module=make_module(build_model()), callbacks=callbacks)
     from lightning_peft import PeftStrategy, QuantizationConfig
 
-    strategy = PeftStrategy(quantization=QuantizationConfig(**NF4, bnb_4bit_compute_dtype="float32"))
+    strategy = PeftStrategy(quantization=QuantizationConfig(**NF4, bnb_4bit_compute_dtype=compute))
     return dict(module=make_module(pretrained_dir=pretrained_dir), callbacks=callbacks, strategy=strategy)
 
 
@@ -186,12 +195,14 @@ def run_child(contender: str, config: str, steps: int, warmup: int, pretrained_d
         import peft  # noqa: F401
     else:
         import lightning_peft  # noqa: F401
-    if config == "qlora":
+    if config.startswith("qlora"):
         import bitsandbytes  # noqa: F401
     baseline = rss_mb()
     out: dict = {"contender": contender, "config": config, "import_rss_mb": baseline}
-    run = fit(**contender_setup(contender, pretrained_dir, accelerator), steps=steps, accelerator=accelerator,
-              checkpoint=True)
+    bf16 = config.endswith("_bf16")  # bf16-mixed, and a 4-bit base computing in bfloat16: the usual GPU set-up
+    setup = contender_setup(contender, pretrained_dir, accelerator, "bfloat16" if bf16 else "float32")
+    run = fit(**setup, steps=steps, accelerator=accelerator, checkpoint=True,
+              precision="bf16-mixed" if bf16 else "32-true")
     out.update(run, step_s=statistics.median(run["step_times"][warmup:]), peak_rss_mb=run["end_peak_mb"] - baseline)
     if pretrained_dir is not None:
         out["load_peak_mb"] = run["ready_peak_mb"] - baseline
@@ -274,7 +285,7 @@ def measure(configs: list[str], rounds: int, steps: int, warmup: int, accelerato
     """
     results = {c: {name: [] for name in CONTENDERS} for c in configs}
     with tempfile.TemporaryDirectory() as base_dir:
-        if "qlora" in configs:
+        if any(c.startswith("qlora") for c in configs):
             save_base(base_dir)
         for i in range(rounds):
             for config in configs:
@@ -282,8 +293,8 @@ def measure(configs: list[str], rounds: int, steps: int, warmup: int, accelerato
                 for contender in order:
                     started = time.perf_counter()
                     try:
-                        run = spawn(contender, config, steps, warmup, base_dir if config == "qlora" else None,
-                                    accelerator)
+                        run = spawn(contender, config, steps, warmup,
+                                    base_dir if config.startswith("qlora") else None, accelerator)
                     except RuntimeError as err:
                         run = {"error": str(err).strip().splitlines()[-1]}
                     results[config][contender].append(run)
@@ -309,13 +320,15 @@ COLUMNS = (("step_s", "median step (s)", "{:.3f}"), ("peak_rss_mb", "peak RSS (M
            ("weights_checkpoint_bytes", "weights-only checkpoint (MB)", "{:.2f}"),
            ("load_peak_mb", "streaming-load peak (MB)", "{:.0f}"))
 GPU_COLUMN = ("peak_gpu_mb", "peak GPU memory (MB)", "{:.0f}")
-NAMES = {"lora": "LoRA r=16 (fp32 base)", "qlora": "QLoRA r=16 (NF4 base)"}
+NAMES = {"lora": "LoRA r=16 (fp32 base)", "qlora": "QLoRA r=16 (NF4 base)",
+         "lora_bf16": "LoRA r=16 (fp32 base, bf16-mixed)",
+         "qlora_bf16": "QLoRA r=16 (NF4 base, bf16 compute, bf16-mixed)"}
 
 
 def _cell(runs: dict[str, list[dict]], key: str, fmt: str, config: str) -> str:
     theirs, ours = median_of(runs["theirs"], key), median_of(runs["ours"], key)
     if theirs is None or ours is None:
-        return "n/a (built in process)" if key == "load_peak_mb" and config == "lora" else "pending"
+        return "n/a (built in process)" if key == "load_peak_mb" and config.startswith("lora") else "pending"
     scale = 1e6 if key.endswith("bytes") else 1
     ratio = median_ratio(runs, key)
     mark = "" if key not in TARGETS else (" ✓" if ratio <= TARGETS[key] else " ✗")
@@ -393,7 +406,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None, help="default 3 (1 with --quick)")
     parser.add_argument("--steps", type=int, default=None, help="steps per run, warm-up included; default 10 (5)")
     parser.add_argument("--warmup", type=int, default=None, help="first steps left out of the step time; default 3 (2)")
-    parser.add_argument("--configs", default="lora,qlora", help="comma-separated: lora, qlora")
+    parser.add_argument("--configs", default=None,
+                        help="comma-separated: lora, qlora, lora_bf16, qlora_bf16 (bf16-mixed); default lora,qlora "
+                             "on the CPU, all four on CUDA")
     parser.add_argument("--accelerator", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--output", type=Path, default=None,
                         help=f"markdown file for the table; default {RESULTS.name} ({CUDA_RESULTS.name} on CUDA)")
@@ -407,7 +422,8 @@ def main() -> None:
     if args.child:
         print(json.dumps(run_child(args.child, args.config, steps, warmup, args.pretrained_dir, args.accelerator)))
         return
-    configs = [c for c in args.configs.split(",") if c]
+    default = "lora,qlora,lora_bf16,qlora_bf16" if args.accelerator == "cuda" else "lora,qlora"
+    configs = [c for c in (args.configs or default).split(",") if c]
     unknown = set(configs) - set(NAMES)
     if unknown:
         parser.error(f"unknown configs {sorted(unknown)}; choose from {sorted(NAMES)}")

@@ -3,6 +3,7 @@
 from lightning_peft.adapter_callback import SaveAdapterCallback
 from lightning_peft.adapter_io import load_adapter, save_adapter
 from lightning_peft.callback import PeftCallback
+from lightning_peft.checkpoint import restore_adapter
 from lightning_peft.data import ChatDataModule, TextClassificationDataModule
 from lightning_peft.errors import (
     AdapterFileError,
@@ -59,5 +60,6 @@ __all__ = [
     "export_merged",
     "load_adapter",
     "merge_adapter",
+    "restore_adapter",
     "save_adapter",
 ]

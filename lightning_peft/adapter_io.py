@@ -151,17 +151,20 @@ def read_adapter(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torc
 
 
 def _read_checkpoint(path: Path) -> tuple[AdapterConfig, dict[str, torch.Tensor], str, Any]:
-    from lightning_peft.checkpoint import read_checkpoint
+    from lightning_peft.checkpoint import FINGERPRINT, PEFT_KEY
 
     try:
-        checkpoint = read_checkpoint(path)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a damaged or foreign file
         raise AdapterFileError(f"{path} is not a readable checkpoint ({type(err).__name__}: {err}).") from None
-    meta = checkpoint.get("peft")
+    meta = checkpoint.get(PEFT_KEY) if isinstance(checkpoint, dict) else None
     if not isinstance(meta, dict) or "adapter_config" not in meta:
         raise AdapterFileError(f"{path} is not a checkpoint written under PeftCallback (no adapter record).")
+    state = checkpoint.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise AdapterFileError(f"{path} has no state_dict of tensors; re-save it under PeftCallback.")
     config = AdapterConfig.from_dict(meta["adapter_config"], source=f"{path} (adapter_config)")
-    return config, checkpoint["state_dict"], str(meta.get("model_prefix", "")), meta.get(FINGERPRINT_KEY)
+    return config, state, str(meta.get("model_prefix", "")), meta.get(FINGERPRINT)
 
 
 def load_adapter(

@@ -1,4 +1,5 @@
-"""Atomic writes: a file or directory appears complete under its final name, or not at all.
+"""Atomic writes: a file or directory appears complete under its final name, or not at all; and where the
+callbacks that write at the end of ``fit`` put their output (``output_directory``).
 
 Everything is written under a hidden temporary name in the same directory (same file system, so the rename is
 atomic), flushed to disk, then renamed into place. A process killed at any instant leaves either the previous
@@ -21,6 +22,10 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import lightning.pytorch as pl
+
+from lightning_peft.errors import ConfigError
 
 
 def _fsync_dir(path: Path) -> None:
@@ -86,3 +91,20 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def output_directory(trainer: pl.Trainer, dirpath: str | os.PathLike | None, name: str, overwrite: bool,
+                     what: str) -> Path:
+    """Where a callback writes at the end of ``fit``: ``dirpath``, or ``<trainer.log_dir>/<name>`` (the run's own
+    directory, so runs never share one). Refuses, on every rank, a non-empty directory already there unless
+    ``overwrite``: the output of an earlier run is never replaced by accident. Call it on every rank (``setup``):
+    ``trainer.log_dir`` and the decision are broadcast from rank 0, which does the writing."""
+    path = Path(dirpath) if dirpath is not None else Path(trainer.log_dir or ".") / name
+    taken = trainer.strategy.broadcast(path.is_dir() and any(path.iterdir()))
+    if taken and not overwrite:
+        raise ConfigError(
+            f"{path} already holds files (an earlier run's {what}?) and would be replaced at the end of this run. "
+            f"Pass another dirpath, leave dirpath unset to write into the run's log directory, or set "
+            f"overwrite=True to replace it."
+        )
+    return path

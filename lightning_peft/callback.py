@@ -11,9 +11,11 @@ Hooks, in Lightning's order of events:
   ``PeftFSDPStrategy``, which keeps the adapter whole on every rank (``fsdp.py``); Lightning's ``FSDPStrategy``,
   which would shard it, is refused. Parameter counts are taken here, before FSDP shards the base.
 - ``on_fit_start`` (optimizers exist, training state not yet restored): frozen tensors are dropped from the
-  optimizers, or an optimizer over the adapter is built if the module configured none; parameters a method
-  trains at another rate (LoRA+'s B matrices) move to param groups of their own; parameter counts logged.
-- ``on_save_checkpoint``: the checkpoint keeps only what trains (plus the adapter's record), never the base.
+  module's optimizers, or an optimizer over the adapter is built if the module configured none; optimizers that
+  hold no adapter parameter are refused, never replaced; parameters a method trains at another rate (LoRA+'s B
+  matrices) move to param groups of their own; parameter counts logged.
+- ``on_save_checkpoint``: the checkpoint keeps only what trains (plus the adapter's record), never the base
+  (``checkpoint.py``).
 
 A method may add work to each training step (``AdapterConfig.training_hooks``; AdaLoRA does):
 
@@ -26,7 +28,8 @@ A method may add work to each training step (``AdapterConfig.training_hooks``; A
 - ``on_train_batch_end``: after a batch that stepped the optimizer, the method's ``after_optimizer_step`` runs
   (AdaLoRA's rank allocation), with the gradients still in place: Lightning zeroes them only at the next step.
 - ``state_dict`` / ``load_state_dict``: the method's training state (importance scores, masks) rides in the
-  checkpoint with the callback's, so a resumed run continues the same schedule.
+  checkpoint with the callback's, so a resumed run continues the same schedule; it is moved to each rank's
+  device when restored.
 """
 
 from __future__ import annotations
@@ -39,20 +42,21 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import FSDPStrategy
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import move_data_to_device, rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_hasattr
 from torch.distributed.fsdp import FullyShardedDataParallel
 from typing_extensions import override
 
-from lightning_peft.adapter_io import FINGERPRINT_KEY
-from lightning_peft.checkpoint import AdapterCheckpointIO
+from lightning_peft.checkpoint import PEFT_KEY, AdapterCheckpointIO, adapter_keys, adapter_record
 from lightning_peft.errors import AdapterMismatchError, ConfigError
-from lightning_peft.fingerprint import base_fingerprint
 from lightning_peft.fsdp import PeftFSDPStrategy, clean_name
 from lightning_peft.methods.base import AdapterConfig, TrainingHooks
 from lightning_peft.optim import OptimName, build_optimizer, split_lr_groups
 from lightning_peft.strategy import PeftStrategyMixin
-from lightning_peft.surgery import active_config, adapter_layers, attach, count_parameters, find_transformer
+from lightning_peft.surgery import active_config, attach, count_parameters, find_transformer
+
+DEFAULT_LEARNING_RATE = 2e-4  # for a module that configures no optimizer and names no learning rate
 
 
 _REBUILDS = (
@@ -68,8 +72,16 @@ class PeftCallback(Callback):
 
     Args:
         adapter: the method and its hyper-parameters, e.g. ``LoraConfig(r=16, target_modules=["q_proj", "v_proj"])``.
-        learning_rate, weight_decay, optim: used only when the module's ``configure_optimizers`` returns None;
-            then an optimizer over the adapter's parameters is built (``optim`` as in transformers).
+        learning_rate: only for a module whose ``configure_optimizers`` returns None: the rate of the optimizer
+            built over the adapter's parameters. Default: the module's ``learning_rate`` (or ``lr``) attribute or
+            hyper-parameter, else 2e-4.
+        weight_decay: only for a module whose ``configure_optimizers`` returns None (default 0).
+        optim: only for a module whose ``configure_optimizers`` returns None: the optimizer, named as in
+            transformers (default ``"auto"``: paged AdamW on CUDA, torch's AdamW elsewhere).
+
+    A module that configures its own optimizers keeps them, and its learning rate; they must hold the adapter's
+    parameters (``self.parameters()`` is fine: frozen ones are removed). Setting these three as well is refused,
+    as they would do nothing.
 
     Example::
 
@@ -79,9 +91,9 @@ class PeftCallback(Callback):
     def __init__(
         self,
         adapter: AdapterConfig,
-        learning_rate: float = 2e-4,
-        weight_decay: float = 0.0,
-        optim: OptimName = "auto",
+        learning_rate: float | None = None,
+        weight_decay: float | None = None,
+        optim: OptimName | None = None,
     ) -> None:
         if not isinstance(adapter, AdapterConfig):
             raise TypeError(f"adapter must be an adapter config such as LoraConfig(...), got {type(adapter).__name__}.")
@@ -90,7 +102,6 @@ class PeftCallback(Callback):
         self.weight_decay = weight_decay
         self.optim = optim
         self._module: pl.LightningModule | None = None
-        self._prefix = ""
         self._hooks: TrainingHooks | None = None
         self._hooks_state: dict[str, Any] = {}
         self._stepped = False
@@ -119,7 +130,7 @@ class PeftCallback(Callback):
                 pl_module.configure_model()
             if find_transformer(pl_module)[1] is not built:
                 raise ConfigError(_REBUILDS)
-        self._prefix, model = find_transformer(pl_module)
+        _, model = find_transformer(pl_module)
         if isinstance(trainer.strategy, PeftStrategyMixin):
             trainer.strategy.prepare_model(pl_module, self.adapter)  # quantize / stream in the base first
         if active_config(model) is None:
@@ -149,28 +160,34 @@ class PeftCallback(Callback):
         self._split_lr_groups(trainer, model)
         steps = trainer.estimated_stepping_batches
         self._hooks = active_config(model).training_hooks(model, int(steps) if math.isfinite(steps) else None)
-        if self._hooks is not None and self._hooks_state:
-            self._hooks.load_state_dict(self._hooks_state)
+        self._restore_hooks_state()
         trainable, total = self._counts
         rank_zero_info(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
 
     def _prune_optimizers(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._method_optimizer(trainer, pl_module):
-            return
         trainable = [p for p in pl_module.parameters() if p.requires_grad]
         trainable_ids = {id(p) for p in trainable}
         optimized = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
-        if not optimized & trainable_ids:
-            optim = self.optim
-            if optim == "auto" and isinstance(trainer.strategy, PeftStrategyMixin):
-                optim = trainer.strategy.default_optim
-            trainer.optimizers = [
-                build_optimizer(trainable, optim, self.learning_rate, self.weight_decay,
-                                on_cuda=pl_module.device.type == "cuda")
-            ]
-            rank_zero_info(f"No optimizer from configure_optimizers: built {type(trainer.optimizers[0]).__name__} "
-                           f"(lr={self.learning_rate}) over {len(trainable)} adapter tensors.")
+        own = {id(p) for p in pl_module.parameters()}
+        if not optimized & own:  # configure_optimizers returned None (Lightning's placeholder holds no parameter)
+            trainer.optimizers = [self._build_optimizer(trainer, pl_module, trainable)]
             return
+        self._refuse_other_optimizers(trainer, pl_module)
+        given = {name: value for name, value in (("learning_rate", self.learning_rate),
+                                                 ("weight_decay", self.weight_decay), ("optim", self.optim))
+                 if value is not None}
+        if given:
+            raise ConfigError(
+                f"PeftCallback({', '.join(f'{k}={v!r}' for k, v in given.items())}) would do nothing: "
+                f"{type(pl_module).__name__}.configure_optimizers builds the optimizer. Set these in the module, or "
+                f"return None from configure_optimizers to let PeftCallback build one over the adapter."
+            )
+        if not optimized & trainable_ids:
+            raise ConfigError(
+                f"The optimizers from {type(pl_module).__name__}.configure_optimizers hold none of the adapter's "
+                f"{len(trainable)} trainable tensors, so the adapter would not train. Pass self.parameters() to the "
+                f"optimizer (frozen ones are removed for you), or return None to let PeftCallback build one."
+            )
         dropped = 0
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:
@@ -184,31 +201,46 @@ class PeftCallback(Callback):
             rank_zero_warn(f"{len(left_out)} trainable adapter tensors are in no optimizer and will not train; "
                            f"pass self.parameters() (frozen ones are removed for you).")
 
-    def _method_optimizer(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
-        """Install the optimizer the method must train with (GaLore's), if it has one; True when installed.
-
-        A module whose ``configure_optimizers`` returned another optimizer is refused: replacing it silently
-        would drop the user's settings, and keeping it would not be the method."""
+    def _build_optimizer(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                         params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        """The optimizer over the adapter for a module that configures none: the method's own (GaLore's), or
+        the one ``optim`` names."""
+        learning_rate = self.learning_rate
+        if learning_rate is None:
+            found = [name for name in ("learning_rate", "lr") if lightning_hasattr(pl_module, name)]
+            learning_rate = float(lightning_getattr(pl_module, found[0])) if found else DEFAULT_LEARNING_RATE
         model = find_transformer(pl_module)[1]
         config = active_config(model)
-        own = config.build_optimizer(model, self.learning_rate, self.weight_decay)
-        if own is None:
-            return False
-        configured = [opt for opt in trainer.optimizers if any(group["params"] for group in opt.param_groups)]
-        if not configured:
-            trainer.optimizers = [own]
-            rank_zero_info(f"{type(config).__name__}: built {type(own).__name__} (lr={self.learning_rate}).")
-            return True
-        if all(isinstance(opt, type(own)) for opt in configured):
-            return False
-        name = type(config).__name__
-        raise ConfigError(
-            f"{name} trains with its own optimizer ({type(own).__name__}), but configure_optimizers returned "
-            f"{', '.join(type(opt).__name__ for opt in configured)}. Return None from configure_optimizers to let "
-            f"PeftCallback build it (learning_rate and weight_decay from PeftCallback; rank, update_proj_gap, "
-            f"scale and optim from {name}), or build it there with "
-            f"`{name}.build_optimizer(model, lr, weight_decay)` to add a scheduler."
-        )
+        optimizer = config.build_optimizer(model, learning_rate, self.weight_decay or 0.0)
+        if optimizer is not None and self.optim is not None:
+            raise ConfigError(f"PeftCallback(optim={self.optim!r}) would do nothing: {type(config).__name__} trains "
+                              f"with its own optimizer; choose it with {type(config).__name__}(optim=...).")
+        if optimizer is None:
+            optim = self.optim or "auto"
+            if optim == "auto" and isinstance(trainer.strategy, PeftStrategyMixin):
+                optim = trainer.strategy.default_optim
+            optimizer = build_optimizer(params, optim, learning_rate, self.weight_decay or 0.0,
+                                        on_cuda=pl_module.device.type == "cuda")
+        rank_zero_info(f"configure_optimizers returned None: built {type(optimizer).__name__} (lr={learning_rate}) "
+                       f"over {len(params)} adapter tensors.")
+        return optimizer
+
+    def _refuse_other_optimizers(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse optimizers from ``configure_optimizers`` when the method trains with its own (GaLore): keeping
+        them would not be the method, and replacing them silently would drop the user's settings."""
+        model = find_transformer(pl_module)[1]
+        config = active_config(model)
+        own = config.build_optimizer(model, DEFAULT_LEARNING_RATE, 0.0)
+        others = [type(opt).__name__ for opt in trainer.optimizers if own is not None and not isinstance(opt, type(own))]
+        if others:
+            name = type(config).__name__
+            raise ConfigError(
+                f"{name} trains with its own optimizer ({type(own).__name__}), but "
+                f"{type(pl_module).__name__}.configure_optimizers returned {', '.join(others)}. Return None from "
+                f"configure_optimizers to let PeftCallback build it (learning_rate and weight_decay from "
+                f"PeftCallback or the module; rank, update_proj_gap, scale and optim from {name}), or build it "
+                f"there with `{name}.build_optimizer(model, lr, weight_decay)` to add a scheduler."
+            )
 
     def _split_lr_groups(self, trainer: pl.Trainer, model: torch.nn.Module) -> None:
         """Give the parameters the method trains at another rate (LoRA+'s B matrices) param groups of their own, in
@@ -249,34 +281,28 @@ class PeftCallback(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._hooks_state = state_dict.get("training_hooks", {})
-        if self._hooks is not None and self._hooks_state:  # restored after on_fit_start
-            self._hooks.load_state_dict(self._hooks_state)
+        self._restore_hooks_state()  # when Lightning restores after on_fit_start
 
-    def checkpoint_keys(self, pl_module: pl.LightningModule) -> set[str]:
-        """State-dict keys a checkpoint keeps: every trainable parameter and every adapter tensor."""
-        keys = {clean_name(name) for name, p in pl_module.named_parameters() if p.requires_grad}
-        prefix = f"{self._prefix}." if self._prefix else ""
-        for path, layer in adapter_layers(find_transformer(pl_module)[1]).items():
-            keys.update(clean_name(f"{prefix}{path}.{name}") for name in layer.adapter_parameters())
-        return keys
+    def _restore_hooks_state(self) -> None:
+        """Hand the saved training state to the method, on this rank's device: checkpoints are read onto the CPU."""
+        if self._hooks is not None and self._hooks_state and self._module is not None:
+            self._hooks.load_state_dict(move_data_to_device(self._hooks_state, self._module.device))
 
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        keys = self.checkpoint_keys(pl_module)
+        keys = adapter_keys(pl_module)
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
-        model = find_transformer(pl_module)[1]
-        checkpoint["peft"] = {"adapter_config": active_config(model).to_dict(), "model_prefix": self._prefix,
-                              FINGERPRINT_KEY: base_fingerprint(model)}
+        checkpoint[PEFT_KEY] = adapter_record(pl_module)
 
     def _adapter_only(self, checkpoint: dict[str, Any]) -> None:
         """Trim a checkpoint that did not pass through ``on_save_checkpoint``: Lightning skips callbacks' hooks
         for weights-only saves (``ModelCheckpoint(save_weights_only=True)``), which would write the whole base."""
-        if "peft" not in checkpoint and self._module is not None:
+        if PEFT_KEY not in checkpoint and self._module is not None:
             self.on_save_checkpoint(self._module.trainer, self._module, checkpoint)
 
     def _validate_checkpoint(self, checkpoint: dict[str, Any], path: str) -> None:
         """Refuse, before Lightning restores anything, a checkpoint whose tensors do not fit the adapted module."""
-        meta = checkpoint.get("peft")
+        meta = checkpoint.get(PEFT_KEY)
         if self._module is None or not isinstance(meta, dict):
             raise AdapterMismatchError(
                 f"{path} was not written under PeftCallback (it has no adapter record); resume from a checkpoint "
@@ -292,7 +318,7 @@ class PeftCallback(Callback):
         state = checkpoint.get("state_dict", {})
         # Parameters, not state_dict(): under FSDP that would gather the base on every rank.
         own = {clean_name(n): p for n, p in self._module.named_parameters(remove_duplicate=False)}
-        expected = self.checkpoint_keys(self._module)
+        expected = adapter_keys(self._module)
         missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
         wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state.keys() & expected
                  if state[k].shape != own[k].shape]

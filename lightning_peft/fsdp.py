@@ -135,7 +135,14 @@ class PeftFSDPStrategy(PeftStrategyMixin, FSDPStrategy):
         super().prepare_model(pl_module, adapter)
 
     @override
+    def dtype_kept_parameters(self, pl_module: pl.LightningModule) -> list[nn.Parameter]:
+        """Only what FSDP leaves out of its units (the adapter and what trains): a unit flattens its tensors into
+        one of a single dtype, so norms and the 4-bit data take the precision's dtype there."""
+        return list(_replicated_parameters(pl_module).values())
+
+    @override
     def _setup_model(self, model: nn.Module) -> nn.Module:
+        self.restore_held_dtypes()  # FSDPStrategy.setup converts the module, then wraps it here (no model_to_device)
         if getattr(model, _SHARDED, False) or any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
             raise ConfigError(
                 f"{type(model).__name__} was sharded by FSDP before (a run under FSDP, or wrap() in configure_model) "

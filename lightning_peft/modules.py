@@ -20,6 +20,7 @@ from torchmetrics.aggregation import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GgufConfig
 
+from lightning_peft.checkpoint import restore_adapter
 from lightning_peft.data import prompt_text
 from lightning_peft.errors import ConfigError
 from lightning_peft.loss import TokenPerplexity, causal_lm_loss
@@ -60,7 +61,13 @@ def load_pretrained(auto_class: Any, path: str, gguf_file: str | None = None, dt
 
 
 class _TransformerModule(L.LightningModule):
-    """Optimizer and schedule shared by the built-in modules: AdamW over what trains, linear warmup, cosine decay."""
+    """Optimizer and schedule shared by the built-in modules: AdamW over what trains, linear warmup, cosine decay.
+
+    Args:
+        learning_rate: the run's peak learning rate (this module builds the optimizer, so PeftCallback's stays unset).
+        weight_decay: AdamW's weight decay.
+        warmup_steps: steps of linear warmup before the cosine decay to a tenth of the rate.
+    """
 
     def __init__(self, learning_rate: float, weight_decay: float, warmup_steps: int) -> None:
         super().__init__()
@@ -86,6 +93,11 @@ class _TransformerModule(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Checkpoints written under PeftCallback hold the adapter only: inject it (unless PeftCallback did), so
+        ``load_from_checkpoint`` and ``trainer.validate(ckpt_path=...)`` work without the callback."""
+        restore_adapter(self, checkpoint)
 
     def _log_lr(self) -> None:
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)

@@ -4,6 +4,11 @@ Names follow transformers' ``TrainingArguments.optim``. Paged AdamW (bitsandbyte
 CPU under GPU memory pressure instead of failing; paging needs CUDA, so elsewhere a paged name falls back to
 the same bitsandbytes update without paging (``AdamW32bit`` / ``AdamW8bit``) with a one-line warning. ``"auto"``
 means paged AdamW on CUDA (and under a quantizing ``PeftStrategy``, everywhere), torch's AdamW otherwise.
+
+bitsandbytes pages only the state of tensors of at least 100,000 values (a LoRA matrix of r=16 on a 4096-wide
+layer holds 65,536: its state stays in plain GPU memory), and it synchronizes the GPU after every parameter's
+update. A resumed run loads the state into plain device tensors (``load_state_dict``, then Lightning's move to the
+device); ``repage`` puts it back into paged memory, and ``PeftStrategyMixin.load_optimizer_state_dict`` calls it.
 """
 
 from __future__ import annotations
@@ -45,6 +50,28 @@ def build_optimizer(
         warnings.warn(f"optim={name!r} is unavailable here ({err}); using torch.optim.AdamW instead.", stacklevel=2)
         return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
     return cls(params, lr=learning_rate, weight_decay=weight_decay)
+
+
+def repage(optimizer: torch.optim.Optimizer) -> int:
+    """Move back into paged memory the state of a paged bitsandbytes optimizer that a checkpoint load turned into
+    plain device tensors, for the tensors bitsandbytes pages (it decides, through its ``get_state_buffer``).
+    Returns how many state tensors moved; 0 for any other optimizer."""
+    if not getattr(optimizer, "is_paged", False):
+        return 0
+    moved = 0
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key in ("state1", "state2"):
+                value = state.get(key)
+                if not isinstance(value, torch.Tensor) or getattr(value, "is_paged", False):
+                    continue
+                buffer = optimizer.get_state_buffer(param, dtype=value.dtype)
+                if getattr(buffer, "is_paged", False) and buffer.shape == value.shape:
+                    buffer.copy_(value)
+                    state[key] = buffer
+                    moved += 1
+    return moved
 
 
 _GROUP_RATES = ("lr", "initial_lr", "max_lr", "min_lr")  # per-group rates optimizers and schedulers keep

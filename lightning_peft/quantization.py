@@ -163,10 +163,18 @@ def dequantize(layer: nn.Module) -> torch.Tensor:
             # Some CPUs repack 4-bit weights for a faster inference kernel; undo it (non-destructively).
             data, state = bnb_f._convert_weight_packed_for_cpu_inverse(data, state)
         dense = bnb_f.dequantize_4bit(data, state).reshape(layer.out_features, layer.in_features)
-        return dense.to(layer.compute_dtype or dense.dtype)
+        return dense.to(dequantized_dtype(layer))
     # LLM.int8(): int8 rows scaled by their absmax / 127. The scales move to layer.state after the first forward.
     scales = weight.SCB if getattr(weight, "SCB", None) is not None else layer.state.SCB
-    return bnb_f.int8_vectorwise_dequant(weight.data, scales)
+    return bnb_f.int8_vectorwise_dequant(weight.data, scales).to(dequantized_dtype(layer))
+
+
+def dequantized_dtype(layer: nn.Module) -> torch.dtype:
+    """The dtype ``dequantize(layer)`` returns, known without dequantizing (export plans)."""
+    if getattr(layer, "compute_dtype", None) is not None:  # 4-bit
+        return layer.compute_dtype
+    state = getattr(layer.weight, "quant_state", None)
+    return state.dtype if state is not None else torch.float32
 
 
 def dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -188,32 +196,38 @@ def is_norm(module: nn.Module) -> bool:
     return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or "Norm" in type(module).__name__
 
 
-def upcast_for_stability(model: nn.Module, trained: list[str] = ()) -> None:
+def upcast_for_stability(model: nn.Module, trained: list[str] = ()) -> list[nn.Module]:
     """Norms compute in float32 for stability next to a low-precision base (as PEFT's
     ``prepare_model_for_kbit_training``), but hand their output on in the dtype they received; the modules at
-    the paths ``trained`` (trained in full, e.g. a classification head) hold and compute float32 weights.
+    the paths ``trained`` (trained in full, e.g. a classification head) hold float32 weights and cast their inputs
+    to their weight's dtype. Returns the modules it holds in float32, which a precision plugin's conversion must
+    leave so (``PeftStrategyMixin.model_to_device``).
 
     A float32 RMSNorm weight would otherwise promote its output, and with it the whole residual stream, to float32:
     twice the activation memory of a bfloat16 model, and a float32 copy of every layer left unquantized (the output
-    head) to accept it. The 4-bit layers compute in their compute dtype either way.
+    head) to accept it. The 4-bit layers compute in their compute dtype either way. The hooks go on whatever the
+    weights' dtype now: a float32 checkpoint trained under ``precision="bf16-true"`` needs them once the rest is
+    converted.
     """
+    kept = []
     for module in model.modules():
-        if is_norm(module) and _has_low_precision_weights(module):
+        if is_norm(module) and any(p.is_floating_point() for p in module.parameters()):
             module.float()
             module.register_forward_hook(_output_in_input_dtype)
+            kept.append(module)
     for path in trained:
         module = model.get_submodule(path)
-        if _has_low_precision_weights(module):
-            module.float()
-            module.register_forward_pre_hook(_inputs_in_float32)
+        module.float()
+        module.register_forward_pre_hook(_inputs_in_weight_dtype)
+        kept.append(module)
+    return kept
 
 
-def _has_low_precision_weights(module: nn.Module) -> bool:
-    return any(p.is_floating_point() and p.dtype != torch.float32 for p in module.parameters())
-
-
-def _inputs_in_float32(module: nn.Module, args: tuple) -> tuple:
-    return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+def _inputs_in_weight_dtype(module: nn.Module, args: tuple) -> tuple:
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+    if dtype is None:
+        return args
+    return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 
 
 def _output_in_input_dtype(module: nn.Module, args: tuple, output: object) -> object:

@@ -11,6 +11,12 @@ in a strategy hook instead would need one that runs before callbacks' ``setup`` 
 there is none. ``strategy.setup`` also calls ``prepare_model`` (a no-op when done) for a run without the
 callback; either way it happens before ``model_to_device()`` and before the DDP wrap.
 
+Precision: ``strategy.setup`` lets the precision plugin convert the whole module (``"bf16-true"``:
+``module.to(bfloat16)``) and then calls ``model_to_device()``. What must keep its dtype (the float32 adapter, the
+norms and heads ``prepare_model`` holds in float32, the packed data of 4-bit layers) is held at the start of
+``setup`` and given back, the very tensors, in ``model_to_device`` before the move: the only public step between
+the conversion and the DDP wrap.
+
 Which directory streaming reads: ``checkpoint_dir`` when given, else the meta model's ``name_or_path``, which
 ``AutoConfig.from_pretrained(path)`` records. A model that already holds weights is quantized in place and
 never read from disk. ``trainer.init_module(empty_init=True)`` creates the model on the meta device.
@@ -22,14 +28,13 @@ Registered with Lightning's ``StrategyRegistry``: ``"peft"``, ``"peft_ddp"`` (no
 from __future__ import annotations
 
 import os
-from collections.abc import Generator
+from collections.abc import Generator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
@@ -37,10 +42,16 @@ from typing_extensions import override
 
 from lightning_peft.errors import ConfigError
 from lightning_peft.methods.base import AdapterConfig
-from lightning_peft.optim import OptimName
-from lightning_peft.quantization import QuantizationConfig, quantize_model, skip_paths, upcast_for_stability
+from lightning_peft.optim import OptimName, repage
+from lightning_peft.quantization import (
+    QuantizationConfig,
+    is_quantized,
+    quantize_model,
+    skip_paths,
+    upcast_for_stability,
+)
 from lightning_peft.streaming import meta_tensor_names, stream_load
-from lightning_peft.surgery import find_transformer, modules_to_save_paths, resolve_config
+from lightning_peft.surgery import adapter_layers, find_transformer, modules_to_save_paths, resolve_config
 
 
 class PeftStrategyMixin:
@@ -60,6 +71,8 @@ class PeftStrategyMixin:
         self.gradient_checkpointing = gradient_checkpointing
         self.gradient_checkpointing_kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
         self._prepared: list[nn.Module] = []  # a list, not a WeakSet: spawn launchers pickle the strategy
+        self._float32_modules: list[nn.Module] = []  # what prepare_model holds in float32 (norms, heads)
+        self._held: list[tuple[nn.Parameter, torch.Tensor]] = []
 
     @property
     def default_optim(self) -> OptimName:
@@ -91,7 +104,7 @@ class PeftStrategyMixin:
             rank_zero_info(f"Loaded the base weights from {directory}, tensor by tensor.")
         if self.quantization is not None:
             model.requires_grad_(False)
-            upcast_for_stability(model, sorted(keep))
+            self._float32_modules.extend(upcast_for_stability(model, sorted(keep)))
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=self.gradient_checkpointing_kwargs)
             if self.gradient_checkpointing_kwargs.get("use_reentrant"):
@@ -112,7 +125,43 @@ class PeftStrategyMixin:
 
     def setup(self, trainer: pl.Trainer) -> None:
         self.prepare_model(trainer.lightning_module)  # before the parent moves and wraps the model
+        # The parent's setup lets the precision plugin convert the whole module first ("bf16-true": module.to(
+        # bfloat16)). What must keep its dtype is held here and given back before the device move and the wrap.
+        self._held = [(p, p.data) for p in self.dtype_kept_parameters(trainer.lightning_module)
+                      if p.is_floating_point()]
         super().setup(trainer)
+
+    def dtype_kept_parameters(self, pl_module: pl.LightningModule) -> list[nn.Parameter]:
+        """Parameters a precision plugin's conversion must not change: the adapter's (float32 whatever the base
+        dtype), what ``prepare_model`` holds in float32 (norms, modules trained in full; their hooks cast what
+        goes in and out), and the packed data of 4-bit layers, whose float storage dtype is raw bytes, not
+        values."""
+        _, model = find_transformer(pl_module)
+        params = [p for layer in adapter_layers(model).values() for p in layer.adapter_parameters().values()]
+        params += [p for module in self._float32_modules for p in module.parameters()]
+        params += [m.weight for m in model.modules() if is_quantized(m)]
+        return params
+
+    def model_to_device(self) -> None:
+        """Runs right after the precision plugin converted the module (``Strategy.setup``, ``DDPStrategy.setup``):
+        the held parameters get their own data back, bit for bit, then the model moves to the device."""
+        self.restore_held_dtypes()
+        super().model_to_device()
+
+    def restore_held_dtypes(self) -> None:
+        """Give every parameter held at ``setup`` the data it had before the precision plugin's conversion."""
+        for param, data in self._held:
+            if param.data is not data:
+                param.data = data
+        self._held = []
+
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        """Resuming: the parent loads the optimizer state and moves it to the device, which turns a paged
+        optimizer's paged state into plain device tensors; it is paged again here."""
+        super().load_optimizer_state_dict(checkpoint)
+        moved = sum(repage(optimizer) for optimizer in self.optimizers)
+        if moved:
+            rank_zero_info(f"Resumed optimizer state: {moved} tensors back in paged memory.")
 
     def teardown(self) -> None:
         module = self.lightning_module
@@ -147,7 +196,8 @@ class PeftStrategy(PeftStrategyMixin, SingleDeviceStrategy):
             ``name_or_path``.
         gradient_checkpointing: recompute activations in backward (transformers' own checkpointing).
         gradient_checkpointing_kwargs: passed to ``torch.utils.checkpoint``; default ``{"use_reentrant": False}``.
-        device: default: the first GPU when the trainer's accelerator is CUDA, else the CPU.
+        device: default: the Trainer's device (``accelerator`` and ``devices``, e.g. ``devices=[1]`` for the second
+            GPU).
 
     Example::
 
@@ -169,15 +219,28 @@ class PeftStrategy(PeftStrategyMixin, SingleDeviceStrategy):
         super().__init__(device=device or "cpu", **kwargs)
         self._device = None if device is None else torch.device(device)
         self._init_peft(quantization, checkpoint_dir, gradient_checkpointing, gradient_checkpointing_kwargs)
+        # The Trainer fills this from its accelerator and ``devices`` flag (``devices=[1]``: [cuda:1]) on any
+        # strategy that has the attribute, as it does for its parallel strategies.
+        self.parallel_devices: list[torch.device] | None = None
 
     @property
     @override
     def root_device(self) -> torch.device:
         if self._device is not None:
             return self._device
-        if isinstance(self.accelerator, CUDAAccelerator):
-            return torch.device("cuda", torch.cuda.current_device())
+        if self.parallel_devices:
+            return torch.device(self.parallel_devices[0])
         return torch.device("cpu")
+
+    @override
+    def setup_environment(self) -> None:
+        if self._device is None and self.parallel_devices and len(self.parallel_devices) > 1:
+            raise ConfigError(
+                f"PeftStrategy trains on one device, but the Trainer was given {len(self.parallel_devices)} "
+                f"({', '.join(str(d) for d in self.parallel_devices)}). Pass one (devices=1 or devices=[N]), or use "
+                f"strategy='peft_ddp' / 'qlora_ddp' for several."
+            )
+        super().setup_environment()
 
 
 class PeftDDPStrategy(PeftStrategyMixin, DDPStrategy):

@@ -36,7 +36,7 @@ def main() -> None:
     old, new = answers(base), answers(tuned)
     for prompt in new:
         print(f"\n> {prompt}\n  before: {old.get(prompt, '')}\n  after:  {new[prompt]}")
-    adapter, merged = args.run / "adapter", args.run / "merged"
+    adapter, merged = tuned / "adapter", tuned / "merged"
     weights = adapter / "adapter_model.safetensors"
     print(f"\nAdapter:      {adapter}/ ({weights.stat().st_size / 2**20:.1f} MiB, HF PEFT format)")
     print(f"Merged model: {merged}/ ({size_mib(merged):.0f} MiB, loads with AutoModelForCausalLM.from_pretrained)")

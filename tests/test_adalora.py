@@ -11,7 +11,6 @@ from torch import nn
 from conftest import QUANTIZABLE, batch, make_model
 from lightning_helpers import CausalLM, loader, trainer
 from lightning_peft import AdaLoraConfig, ConfigError, PeftCallback, load_adapter, merge_adapter, save_adapter
-from lightning_peft.checkpoint import read_checkpoint
 from lightning_peft.methods.adalora import AdaLoraLayer, RankAllocator
 from lightning_peft.surgery import active_config, adapter_layers, attach
 
@@ -47,6 +46,17 @@ def test_budget_follows_the_cubic_schedule(llama):
     # Between tinit and total_step - tfinal: 8 + 8 · (1 - (step - 2) / 6)³, pruned every deltaT steps.
     assert [allocator.budget(s) for s in (1, 2, 3, 4, 8, 9)] == [
         (16, False), (16, False), (12, False), (10, True), (8, True), (8, True)]
+
+
+def test_targets_without_gradient_are_named_in_a_warning(llama):
+    config = AdaLoraConfig(init_r=4, target_r=2, tinit=0, tfinal=2, deltaT=1, total_step=10, target_modules=QV,
+                           init_lora_weights=False)
+    attach(llama, config)
+    allocator = RankAllocator(llama, active_config(llama))
+    hidden = llama(**batch(), output_hidden_states=True).hidden_states
+    hidden[1].square().sum().backward()  # after the first decoder layer: the second one gets no gradient
+    with pytest.warns(UserWarning, match=r"2 of its 4 targets got no gradient.*model\.layers\.1\.self_attn\.q_proj"):
+        allocator.after_optimizer_step(1)
 
 
 def test_regulariser_gradient_is_added_once_per_step():
@@ -101,7 +111,7 @@ def test_resume_continues_the_allocation_exactly(tmp_path):
     straight, straight_allocator = fit(8)
     fit(4, callbacks=[ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4)])
     path = tmp_path / "epoch=0-step=4.ckpt"
-    saved = read_checkpoint(path)
+    saved = torch.load(path, weights_only=True)
     assert all(".lora_" in key for key in saved["state_dict"])
     assert any(state.get("training_hooks") for state in saved["callbacks"].values())
     resumed, resumed_allocator = fit(8, ckpt_path=path)
@@ -113,6 +123,19 @@ def test_resume_continues_the_allocation_exactly(tmp_path):
     assert straight_allocator.sensitivity.keys() == resumed_allocator.sensitivity.keys()
     for key, value in straight_allocator.sensitivity.items():
         torch.testing.assert_close(resumed_allocator.sensitivity[key], value, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_resumed_allocation_state_is_on_the_training_device(tmp_path):
+    config = AdaLoraConfig(init_r=4, target_r=2, tinit=1, tfinal=2, total_step=12, target_modules=QV)
+    trainer(accelerator="cuda", callbacks=[PeftCallback(config), ModelCheckpoint(dirpath=tmp_path, filename="run")],
+            enable_checkpointing=True, max_steps=4).fit(CausalLM(), loader(n=16))
+    callback = PeftCallback(config)
+    trainer(accelerator="cuda", callbacks=[callback], max_steps=6).fit(CausalLM(), loader(n=16),
+                                                                       ckpt_path=tmp_path / "run.ckpt")
+    state = callback.state_dict()["training_hooks"]
+    assert state["sensitivity"] and all(t.device.type == "cuda" for t in state["sensitivity"].values())
 
 
 def test_hf_peft_file_pruned_by_rank_pattern_loads_at_the_kept_ranks(tmp_path):

@@ -210,3 +210,16 @@ def test_adapter_loads_from_a_lightning_checkpoint(tmp_path):
     expected = module.model(**batch()).logits
     model = load_adapter(make_model("llama"), tmp_path / "last.ckpt", strict=True)
     torch.testing.assert_close(model(**batch()).logits, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("content", [
+    {"state_dict": {"model.lm_head.weight": torch.zeros(2)}},  # a plain Lightning checkpoint: no adapter record
+    {"peft": {"adapter_config": {"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]}}},  # no tensors
+    {"peft": {"adapter_config": {"peft_type": "LORA"}}, "state_dict_safetensors": torch.zeros(8, dtype=torch.uint8)},
+], ids=["foreign", "no-state-dict", "old-blob"])
+def test_checkpoint_without_an_adapter_is_refused_with_the_reason(tmp_path, content):
+    torch.save(content, tmp_path / "run.ckpt")
+    model = make_model("llama")
+    with pytest.raises(AdapterFileError, match="PeftCallback"):
+        load_adapter(model, tmp_path / "run.ckpt")
+    assert not adapter_layers(model)

@@ -3,14 +3,16 @@ adapter-only checkpoints and exact resume."""
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_helpers import CausalLM, loader, trainer
-from lightning_peft import AdapterMismatchError, ConfigError, LoraConfig, PeftCallback
+from lightning_peft import AdapterMismatchError, ConfigError, LoraConfig, PeftCallback, restore_adapter
 from lightning_peft.surgery import adapter_layers
 
 LORA = dict(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
@@ -47,10 +49,40 @@ def test_no_optimizer_from_module_gets_one_over_adapter():
     assert module.losses[-1] < module.losses[0]
 
 
+def test_built_optimizer_takes_the_module_learning_rate_when_the_callback_names_none():
+    module = CausalLM(optimizer=None, lr=3e-3)
+    trainer(callbacks=[PeftCallback(LoraConfig(**LORA))], max_steps=1).fit(module, loader(n=4))
+    (optimizer,) = module.trainer.optimizers
+    assert optimizer.param_groups[0]["lr"] == 3e-3
+
+
+class OptimizesEmbeddings(CausalLM):
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.model.get_input_embeddings().parameters(), lr=0.1)
+
+
+def test_module_optimizer_without_adapter_parameters_is_refused_not_replaced():
+    module = OptimizesEmbeddings()
+    with pytest.raises(ConfigError, match="self.parameters()") as err:
+        trainer(callbacks=[PeftCallback(LoraConfig(**LORA))]).fit(module, loader(n=4))
+    assert "return None" in str(err.value)
+    assert module.losses == []  # refused before the first step
+
+
+def test_callback_optimizer_settings_beside_a_module_optimizer_are_refused():
+    module = CausalLM()
+    with pytest.raises(ConfigError, match="learning_rate=0.1"):
+        trainer(callbacks=[PeftCallback(LoraConfig(**LORA), learning_rate=0.1)]).fit(module, loader(n=4))
+    assert module.losses == []
+
+
 def test_parameter_counts_are_logged(caplog):
+    module = CausalLM()
     with caplog.at_level("INFO"):
-        trainer(callbacks=[PeftCallback(LoraConfig(**LORA))], max_steps=1).fit(CausalLM(), loader())
-    assert "trainable params: 7,168 || all params:" in caplog.text
+        trainer(callbacks=[PeftCallback(LoraConfig(**LORA))], max_steps=1).fit(module, loader())
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in module.parameters())
+    assert trainable == 7_168 and f"{trainable:,}" in caplog.text and f"{total:,}" in caplog.text
 
 
 @pytest.mark.parametrize("strategy", ["auto", "peft"])
@@ -80,20 +112,68 @@ def test_a_model_replaced_in_the_module_setup_hook_is_refused_at_fit_start():
         trainer(callbacks=[PeftCallback(LoraConfig(**LORA))]).fit(ReplacesInSetup(), loader())
 
 
-def test_checkpoint_is_adapter_only_and_small(tmp_path):
-    module = CausalLM()
-    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+class Restoring(CausalLM):
+    """A user's module with the documented one-line hook, and evaluation steps that record their logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.outputs: list[torch.Tensor] = []
+
+    def on_load_checkpoint(self, checkpoint):
+        restore_adapter(self, checkpoint)
+
+    def _record(self, batch, batch_idx):
+        self.outputs.append(self.model(input_ids=batch[0]).logits.detach())
+
+    validation_step = test_step = predict_step = _record
+
+
+def _fit_and_checkpoint(module, tmp_path) -> Path:
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="run")
     trainer(callbacks=[PeftCallback(LoraConfig(**LORA)), ckpt], enable_checkpointing=True).fit(module, loader())
-    adapter_bytes = sum(p.numel() * 4 for p in module.parameters() if p.requires_grad)
-    path = tmp_path / "last.ckpt"
+    return tmp_path / "run.ckpt"
+
+
+def test_checkpoint_is_a_plain_lightning_checkpoint_of_the_adapter(tmp_path):
+    module = CausalLM()
+    path = _fit_and_checkpoint(module, tmp_path)
+    trained = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    adapter_bytes = sum(p.numel() * p.element_size() for p in trained.values())
     assert os.path.getsize(path) <= 3 * adapter_bytes + 2**20
     raw = torch.load(path, weights_only=True)
-    assert "state_dict" not in raw and raw["state_dict_safetensors"].dtype == torch.uint8
-    from lightning_peft.checkpoint import read_checkpoint
+    assert raw["state_dict"].keys() == trained.keys()
+    for name, value in raw["state_dict"].items():
+        assert torch.equal(value, trained[name]), name
+    assert json.loads(json.dumps(raw["peft"])) == raw["peft"]  # plain JSON types, nothing of ours to unpickle
+    saved = LoraConfig.from_dict(raw["peft"]["adapter_config"])
+    assert (saved.r, saved.lora_alpha, sorted(saved.target_modules)) == (16, 32, sorted(LORA["target_modules"]))
 
-    state = read_checkpoint(path)["state_dict"]
-    assert len(state) == 16 and all(".lora_" in k for k in state)
-    assert raw["peft"]["adapter_config"]["peft_type"] == "LORA"
+
+def _logits(module, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return module.model.eval()(input_ids=ids).logits
+
+
+def test_load_from_checkpoint_without_a_trainer_injects_the_recorded_adapter(tmp_path):
+    trained = Restoring()
+    path = _fit_and_checkpoint(trained, tmp_path)
+    ids = loader(n=4).dataset.tensors[0]
+    loaded = Restoring.load_from_checkpoint(path)
+    torch.testing.assert_close(_logits(loaded, ids), _logits(trained, ids))
+    assert not torch.allclose(_logits(loaded, ids), _logits(CausalLM(), ids))
+
+
+@pytest.mark.parametrize("with_callback", [True, False], ids=["with-callback", "without-callback"])
+def test_validate_test_and_predict_from_a_checkpoint(tmp_path, with_callback):
+    trained = Restoring()
+    path = _fit_and_checkpoint(trained, tmp_path)
+    data = loader(n=4)
+    expected = _logits(trained, data.dataset.tensors[0])
+    for run in ("validate", "test", "predict"):
+        fresh = Restoring()
+        callbacks = [PeftCallback(LoraConfig(**LORA))] if with_callback else []
+        getattr(trainer(callbacks=callbacks), run)(fresh, data, ckpt_path=path)
+        torch.testing.assert_close(fresh.outputs[0], expected, msg=run)
 
 
 def test_resume_continues_with_the_same_losses(tmp_path):

@@ -1,5 +1,5 @@
 """The ``lightning-peft`` command on tiny models: fit/validate/test/predict, typo keys, --print_config round
-trip, merge, generate and report."""
+trip, merge, generate, report and export-adapter, errors in one line, help as plain text."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from lightning_peft import ConfigError
+from lightning_peft import CausalLMModule, ConfigError, load_adapter
 from lightning_peft.cli import main
 from tiny_assets import save_tiny_causal_lm, save_tiny_encoder
 
@@ -104,7 +105,11 @@ def test_print_config_output_runs_unchanged(tiny_lm, tmp_path, capsys):
               "--trainer.val_check_interval=2", "--print_config"])
     printed = tmp_path / "printed.yaml"
     printed.write_text(capsys.readouterr().out)
-    assert yaml.safe_load(printed.read_text())["trainer"]["max_steps"] == 2
+    content = yaml.safe_load(printed.read_text())
+    assert content["trainer"]["max_steps"] == 2
+    # One learning rate: the module's; PeftCallback's applies only to a module that configures no optimizer.
+    assert content["model"]["init_args"]["learning_rate"] == 1e-2
+    assert content["trainer"]["callbacks"][0]["init_args"]["learning_rate"] is None
     main(["fit", "--config", str(printed)])
     assert "val_loss" in (run_dir(tmp_path) / "metrics.csv").read_text()
 
@@ -144,9 +149,103 @@ def test_report_draws_a_png_from_the_run_with_its_baseline(fitted, tmp_path):
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_report_without_logs_says_what_is_missing(tmp_path):
-    with pytest.raises(ConfigError, match="metrics.csv"):
+def test_our_errors_are_one_line_with_exit_status_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
         main(["report", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = err.strip().splitlines()
+    assert line.startswith("lightning-peft: error:") and "metrics.csv" in line
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_debug_shows_the_traceback(tmp_path, monkeypatch, how):
+    if how == "env":
+        monkeypatch.setenv("LIGHTNING_PEFT_DEBUG", "1")
+    with pytest.raises(ConfigError, match="metrics.csv"):
+        main(["report", str(tmp_path), *(["--debug"] if how == "flag" else [])])
+
+
+def test_refusal_during_fit_is_one_line(tiny_lm, tmp_path, capsys):
+    path = config(tmp_path, tiny_lm)
+    content = yaml.safe_load(path.read_text())
+    content["trainer"]["callbacks"][0]["init_args"]["adapter"]["init_args"]["target_modules"] = ["no_such_proj"]
+    path.write_text(yaml.safe_dump(content))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("lightning-peft: error:") and "no_such_proj" in err
+
+
+def test_refusal_while_the_config_is_read_is_one_line(tiny_lm, tmp_path, capsys):
+    path = config(tmp_path, tiny_lm)
+    content = yaml.safe_load(path.read_text())
+    content["trainer"]["callbacks"][0]["init_args"]["adapter"]["init_args"]["r"] = 0
+    path.write_text(yaml.safe_dump(content))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("lightning-peft: error: r ")
+
+
+def test_export_adapter_writes_the_checkpoint_adapter_as_hf_peft(fitted, tiny_lm, tmp_path):
+    (checkpoint,) = (fitted / "runs").rglob("*.ckpt")  # fit's ModelCheckpoint, in the run's log directory
+    main(["export-adapter", str(checkpoint), str(tmp_path / "exported")])
+    assert sorted(p.name for p in (tmp_path / "exported").iterdir()) == ["adapter_config.json",
+                                                                          "adapter_model.safetensors"]
+    exported = load_file(tmp_path / "exported" / "adapter_model.safetensors")
+    at_fit_end = load_file(fitted / "adapter" / "adapter_model.safetensors")  # SaveAdapterCallback's
+    assert exported.keys() == at_fit_end.keys()
+    for key in exported:
+        torch.testing.assert_close(exported[key], at_fit_end[key], rtol=0, atol=0)
+
+
+def test_validate_from_a_checkpoint_without_peft_callback(fitted, tmp_path):
+    (checkpoint,) = (fitted / "runs").rglob("*.ckpt")  # fit's ModelCheckpoint, in the run's log directory
+    content = yaml.safe_load((fitted / "config.yaml").read_text())
+    losses = {}
+    for name, callbacks in (("with", content["trainer"]["callbacks"][:1]), ("without", [])):
+        content["trainer"]["callbacks"] = callbacks
+        content["trainer"]["logger"]["init_args"].update(save_dir=str(tmp_path), version=name)
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(content))
+        main(["validate", "--config", str(tmp_path / f"{name}.yaml"), "--ckpt_path", str(checkpoint)])
+        metrics = (tmp_path / "tiny" / name / "metrics.csv").read_text().splitlines()
+        losses[name] = dict(zip(metrics[0].split(","), metrics[1].split(",")))["val_loss"]
+    assert losses["with"] == losses["without"]
+
+
+def test_built_in_module_loads_from_its_checkpoint_alone(fitted, tiny_lm):
+    (checkpoint,) = (fitted / "runs").rglob("*.ckpt")
+    module = CausalLMModule.load_from_checkpoint(checkpoint)
+    reference = load_adapter(AutoModelForCausalLM.from_pretrained(tiny_lm), fitted / "adapter")
+    ids = torch.tensor([[1, 5, 9, 12, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(module.model.eval()(ids).logits, reference.eval()(ids).logits)
+
+
+def test_help_lists_every_subcommand(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    usage = capsys.readouterr().out.split("\n\n")[0]
+    for name in ("fit", "validate", "test", "predict", "merge", "generate", "report", "export-adapter"):
+        assert name in usage
+    with pytest.raises(SystemExit) as exit_info:
+        main([])
+    assert exit_info.value.code == 2 and "export-adapter" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["fit", "--help"], ["fit", "--model.help", "lightning_peft.CausalLMModule"],
+                                  ["fit", "--trainer.callbacks.help", "lightning_peft.PeftCallback"],
+                                  ["merge", "--help"], ["export-adapter", "--help"]])
+def test_help_is_plain_text(args, capsys):
+    with pytest.raises(SystemExit):
+        main(args)
+    out = capsys.readouterr().out
+    assert "--" in out and "``" not in out and ":class:`" not in out
 
 
 def test_sequence_classification_logs_accuracy_and_f1(tmp_path):
@@ -167,9 +266,3 @@ def test_sequence_classification_logs_accuracy_and_f1(tmp_path):
     assert {"val_accuracy", "val_f1", "train_loss"} <= set(header)
 
 
-def test_help_lists_every_subcommand(capsys):
-    with pytest.raises(SystemExit):
-        main(["--help"])
-    out = capsys.readouterr().out
-    for name in ("fit", "validate", "test", "predict", "merge", "generate", "report"):
-        assert name in out

@@ -19,7 +19,6 @@ from lightning_helpers import (
     run_two_processes,
 )
 from lightning_peft import PeftCallback, PeftStrategy, QuantizationConfig, load_adapter
-from lightning_peft.checkpoint import read_checkpoint
 from lightning_peft.quantization import quantize_model, skip_paths
 
 NF4 = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -37,7 +36,7 @@ def _check_run(run: Path, method: str, family: str, nf4: bool = False, tolerance
 def _adapter_only_checkpoints(run: Path, count: int) -> list[Path]:
     ckpts = sorted((run / "ckpt").iterdir())
     assert [p.name for p in ckpts] == ["epoch=0-step=4.ckpt", "epoch=1-step=8.ckpt"]
-    state = read_checkpoint(ckpts[0])["state_dict"]
+    state = torch.load(ckpts[0], weights_only=True)["state_dict"]
     assert len(state) == count and all(".lora_" in k and t.is_floating_point() for k, t in state.items())
     return ckpts
 

@@ -64,8 +64,8 @@ def test_config_runs_two_steps(path, tiny, tmp_path, monkeypatch):
     metrics = list(tmp_path.rglob("metrics.csv"))
     assert metrics and "val_loss" in metrics[0].read_text()
     for callback in config["trainer"].get("callbacks", []):
-        if callback["class_path"] == "lightning_peft.SaveAdapterCallback":
-            written = tmp_path / callback["init_args"]["dirpath"] / "adapter_config.json"
+        if callback["class_path"] == "lightning_peft.SaveAdapterCallback":  # into the run's own log directory
+            written = metrics[0].parent / "adapter" / "adapter_config.json"
             assert json.loads(written.read_text())["peft_type"]
 
 
@@ -78,6 +78,9 @@ def test_ddp_config_runs_two_steps_in_two_processes(path, tiny, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = list(tmp_path.rglob("metrics.csv"))
     assert metrics and "val_loss" in metrics[0].read_text()
+    names = {c["class_path"] for c in config["trainer"]["callbacks"]}
+    if "lightning_peft.MergeCallback" in names:  # rank 0 merged while the other rank waited
+        assert (metrics[0].parent / "merged" / "model.safetensors").is_file()
 
 
 def test_downstream_example_answers_with_an_adapter_checkpoint(tiny, tmp_path, monkeypatch):

@@ -23,8 +23,8 @@ from lightning_peft import (
     PeftDDPStrategy,
     PeftStrategy,
     QuantizationConfig,
+    load_adapter,
 )
-from lightning_peft.checkpoint import read_checkpoint
 from lightning_peft.methods.lora import LoraLayer
 from lightning_peft.quantization import dequantize, is_quantized, quantize_model, skip_paths
 
@@ -197,7 +197,7 @@ def test_checkpoints_hold_no_base_weight_and_resume_exactly(tmp_path, pretrained
     straight = run(4)
     ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
     first = run(2, callbacks=[ckpt], enable_checkpointing=True)
-    state = read_checkpoint(tmp_path / "epoch=0-step=2.ckpt")["state_dict"]
+    state = torch.load(tmp_path / "epoch=0-step=2.ckpt", weights_only=True)["state_dict"]
     assert len(state) == 16 and all(".lora_" in k and t.is_floating_point() for k, t in state.items())
     second = run(4, ckpt_path=tmp_path / "epoch=0-step=2.ckpt")
     assert first.losses == straight.losses[:2]
@@ -259,15 +259,80 @@ strategy:
     assert strategy.gradient_checkpointing
 
 
+def test_the_trainer_devices_choose_the_device_and_several_are_refused():
+    strategy = qlora()
+    trainer(strategy=strategy)
+    assert strategy.parallel_devices == [torch.device("cpu")] and strategy.root_device == torch.device("cpu")
+    module = CausalLM(sizes=QUANTIZABLE)
+    with pytest.raises(ConfigError, match="peft_ddp"):
+        trainer(strategy=qlora(), devices=2, callbacks=[PeftCallback(LoraConfig(**LORA))]).fit(module, loader(n=4))
+    assert module.losses == []
+
+
+class DuringTraining(Callback):
+    """Records where the 4-bit weights and the optimizer state are while training runs (teardown moves the
+    module to the CPU afterwards)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        q_proj = pl_module.model.model.layers[0].self_attn.q_proj
+        self.weight_device = q_proj.base_layer.weight.device
+        self.adapter_device = q_proj.lora_A.device
+        self.compute_dtype = q_proj.base_layer.compute_dtype
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_qlora_on_cuda_quantizes_on_the_gpu_and_pages_the_optimizer(pretrained):
+def test_qlora_on_cuda_quantizes_on_the_chosen_gpu_and_pages_the_optimizer(pretrained):
     module = FromPretrained(pretrained, optimizer=None)
     strategy = PeftStrategy(quantization=QuantizationConfig(**NF4, bnb_4bit_compute_dtype="bfloat16"),
                             gradient_checkpointing=True)
-    trainer(accelerator="cuda", strategy=strategy, callbacks=[PeftCallback(LoraConfig(**LORA))]).fit(
-        module, loader(n=4))
-    q_proj = module.model.model.layers[0].self_attn.q_proj.base_layer
-    assert q_proj.weight.device.type == "cuda" and q_proj.compute_dtype == torch.bfloat16
+    index = torch.cuda.device_count() - 1  # the last GPU: devices=[N] must be honoured, not the current device
+    during = DuringTraining()
+    trainer(accelerator="cuda", devices=[index], strategy=strategy,
+            callbacks=[PeftCallback(LoraConfig(**LORA)), during]).fit(module, loader(n=4))
+    assert during.weight_device == during.adapter_device == torch.device("cuda", index)
+    assert during.compute_dtype == torch.bfloat16
     assert type(module.trainer.optimizers[0]).__name__ == "PagedAdamW32bit"
     assert module.losses[-1] < module.losses[0]
+
+
+def paged_state(optimizer) -> list[bool]:
+    """For each parameter whose state bitsandbytes pages (100,000 values or more): whether it is paged now."""
+    return [getattr(optimizer.state[p]["state1"], "is_paged", False) for group in optimizer.param_groups
+            for p in group["params"] if p in optimizer.state and p.numel() >= 100_000]
+
+
+class PagedState(Callback):
+    def on_train_start(self, trainer, pl_module):  # after a resume restored the optimizer state
+        self.at_start = paged_state(trainer.optimizers[0])
+
+    def on_train_end(self, trainer, pl_module):
+        self.at_end = paged_state(trainer.optimizers[0])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_resumed_paged_optimizer_keeps_its_state_paged_and_the_checkpoint_loads_on_the_cpu(tmp_path):
+    sizes = dict(hidden_size=1024, intermediate_size=1024, num_hidden_layers=1, num_attention_heads=4,
+                 num_key_value_heads=2)
+    lora = LoraConfig(r=128, lora_alpha=256, target_modules=["q_proj", "o_proj"])  # 131,072 values per matrix
+
+    def run(max_steps, **kwargs):
+        torch.manual_seed(0)
+        module = CausalLM(optimizer=None, sizes=sizes)
+        paged = PagedState()
+        strategy = PeftStrategy(quantization=QuantizationConfig(**NF4, bnb_4bit_compute_dtype="bfloat16"))
+        trainer(accelerator="cuda", strategy=strategy, max_steps=max_steps, enable_checkpointing=True,
+                callbacks=[PeftCallback(lora), paged, ModelCheckpoint(dirpath=tmp_path, save_top_k=-1,
+                                                                      every_n_train_steps=2)]
+                ).fit(module, loader(n=16), ckpt_path=kwargs.get("ckpt_path"))
+        return module, paged
+
+    _, first = run(2)
+    assert first.at_end and all(first.at_end)
+    _, resumed = run(4, ckpt_path=tmp_path / "epoch=0-step=2.ckpt")
+    assert resumed.at_start and all(resumed.at_start) and all(resumed.at_end)
+    cpu = load_adapter(make_model("llama", **sizes), tmp_path / "epoch=0-step=4.ckpt")  # no GPU needed to read it
+    state = torch.load(tmp_path / "epoch=0-step=4.ckpt", weights_only=True)["state_dict"]
+    assert state and all(t.device.type == "cpu" for t in state.values())
+    assert torch.isfinite(cpu(**batch()).logits).all()

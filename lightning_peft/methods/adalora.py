@@ -22,6 +22,7 @@ each layer at its kept rank.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -266,6 +267,7 @@ class RankAllocator(TrainingHooks):
         self.sensitivity: dict[str, torch.Tensor] = {}
         self.uncertainty: dict[str, torch.Tensor] = {}
         self.masks: dict[str, torch.Tensor] = {}  # path -> kept triplets (bool, r), once pruning has begun
+        self.warned_no_gradient = False
 
     def budget(self, step: int) -> tuple[int, bool]:
         """(triplets allowed at ``step``, whether to prune at this step), HF PEFT's cubic schedule."""
@@ -311,7 +313,14 @@ class RankAllocator(TrainingHooks):
     def _prune_to(self, budget: int) -> None:
         scores = self._triplet_scores()
         if len(scores) != len(self.layers):
-            return  # some layer has no gradient yet
+            if not self.warned_no_gradient:
+                missing = sorted(set(self.layers) - scores.keys())
+                warnings.warn(
+                    f"AdaLoRA cannot allocate ranks: {len(missing)} of its {len(self.layers)} targets got no gradient "
+                    f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}), so every layer keeps init_r "
+                    f"until they do. Drop them from target_modules, or make them part of the loss.", stacklevel=2)
+                self.warned_no_gradient = True
+            return
         drop = self.initial_budget - budget
         if drop <= 0:
             return
