@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from lightning_peft import (
     AdaLoraConfig,
     BottleneckAdapterConfig,
+    GaLoreConfig,
     IA3Config,
     LoraConfig,
     PrefixTuningConfig,
@@ -30,6 +31,7 @@ from lightning_peft.surgery import attach, count_parameters
 DOC = Path(__file__).resolve().parent / "methods.md"
 START, END = "<!-- methods-table:start -->", "<!-- methods-table:end -->"
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+MLP = ["gate_proj", "up_proj", "down_proj"]
 
 # (method, config as written in the table, config, mergeable, read by HF PEFT)
 ROWS: list[tuple[str, str, AdapterConfig, str, str]] = [
@@ -50,6 +52,9 @@ ROWS: list[tuple[str, str, AdapterConfig, str, str]] = [
      "no"),
     ("Prompt tuning", "num_virtual_tokens=20", PromptTuningConfig(num_virtual_tokens=20), "no", "yes"),
     ("Prefix tuning", "num_virtual_tokens=20", PrefixTuningConfig(num_virtual_tokens=20), "no", "yes"),
+    # GaLore adds no adapter: it trains the targeted weights themselves (its saving is in optimizer state).
+    ("GaLore", "rank=128, q/k/v/o + MLP", GaLoreConfig(target_modules=ATTENTION + MLP, rank=128),
+     "nothing to merge", "no"),
 ]
 
 

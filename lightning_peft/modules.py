@@ -61,7 +61,8 @@ def load_pretrained(auto_class: Any, path: str, gguf_file: str | None = None, dt
 
 
 class _TransformerModule(L.LightningModule):
-    """Optimizer and schedule shared by the built-in modules: AdamW over what trains, linear warmup, cosine decay.
+    """Optimizer and schedule shared by the built-in modules: AdamW over what trains (or the optimizer the adapter
+    method must train with: GaLore's), linear warmup, cosine decay.
 
     Args:
         learning_rate: the run's peak learning rate (this module builds the optimizer, so PeftCallback's stays unset).

@@ -80,10 +80,11 @@ def test_bad_config_is_refused(kwargs, field):
         galore(**kwargs)
 
 
-def _fit(steps, callbacks=(), ckpt_path=None, **trainer_kwargs):
+def _fit(steps, callbacks=(), ckpt_path=None, optim_on_callback=None, **trainer_kwargs):
     torch.manual_seed(0)
     module = CausalLM(optimizer=None)
-    trainer(callbacks=[PeftCallback(galore(), learning_rate=1e-2), *callbacks], max_steps=steps,
+    peft = PeftCallback(galore(), learning_rate=1e-2, optim=optim_on_callback)
+    trainer(callbacks=[peft, *callbacks], max_steps=steps,
             **trainer_kwargs).fit(module, loader(n=16), ckpt_path=ckpt_path)
     return module
 
@@ -118,6 +119,11 @@ def test_a_module_with_its_own_optimizer_is_refused_with_how_to_choose_it():
     with pytest.raises(ConfigError, match=r"GaLoreConfig trains with its own optimizer.*Return None"):
         trainer(callbacks=[PeftCallback(galore())], max_steps=1).fit(module, loader(n=4))
     assert module.trainer.global_step == 0
+
+
+def test_an_optim_on_the_callback_is_refused_as_galore_chooses_its_own():
+    with pytest.raises(ConfigError, match=r"optim='adamw_torch'.*GaLoreConfig\(optim=...\)"):
+        _fit(1, optim_on_callback="adamw_torch")
 
 
 def test_merge_callback_exports_the_trained_model(tmp_path):
