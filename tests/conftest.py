@@ -127,6 +127,9 @@ def _prefix(family: str):
 # The shared checks (tests/test_methods.py) run for every entry: name -> how to build its config for a family,
 # whether HF PEFT knows the method (interop is checked), and whether merging is exact or must be refused.
 # ``families`` limits an entry to the families the method supports (default: all).
+# GaLore is deliberately absent: it adds no adapter layer and HF PEFT has no GaLore type, so these checks (layer
+# forward, merge, interop) have nothing to act on; it trains base weights under its own optimizer, which needs a
+# module that configures none. tests/test_galore.py checks it end to end.
 METHODS = {
     "lora": dict(make=_lora, peft=True, mergeable=True),
     "adalora": dict(make=_adalora, peft=True, mergeable=True),
