@@ -231,7 +231,9 @@ class PeftCallback(Callback):
         model = find_transformer(pl_module)[1]
         config = active_config(model)
         own = config.build_optimizer(model, DEFAULT_LEARNING_RATE, 0.0)
-        others = [type(opt).__name__ for opt in trainer.optimizers if own is not None and not isinstance(opt, type(own))]
+        if own is None:
+            return
+        others = [type(opt).__name__ for opt in trainer.optimizers if not isinstance(opt, type(own))]
         if others:
             name = type(config).__name__
             raise ConfigError(

@@ -72,9 +72,10 @@ def test_only_the_targeted_weights_train():
                          for kind, t in [("self_attn", "q_proj"), ("self_attn", "v_proj"), ("mlp", "up_proj")]}
 
 
-@pytest.mark.parametrize(("kwargs", "field"), [(dict(rank=0), "rank"), (dict(update_proj_gap=0), "update_proj_gap"),
-                                               (dict(scale=-1.0), "scale"), (dict(target_modules=None), "target_modules"),
-                                               (dict(optim="sgd"), "optim")])
+@pytest.mark.parametrize(("kwargs", "field"), [
+    (dict(rank=0), "rank"), (dict(update_proj_gap=0), "update_proj_gap"), (dict(scale=-1.0), "scale"),
+    (dict(target_modules=None), "target_modules"), (dict(optim="sgd"), "optim"), (dict(proj_type="left"), "proj_type"),
+])
 def test_bad_config_is_refused(kwargs, field):
     with pytest.raises(ConfigError, match=field):
         galore(**kwargs)
