@@ -9,9 +9,9 @@ and MLP projections (q, k, v, o, gate, up, down) and freezes the rest:
 - ``galore``: ``GaLoreConfig(rank=128, update_proj_gap=200, scale=0.25)``, and its 8-bit variant;
 - ``lora``: ``LoraConfig(r=16, lora_alpha=32)``.
 
-Each runs in a fresh process (peak RSS is the process's high-water mark), for the same steps from the same
-initial weights; the loss is the mean over the last 5 training steps, and the evaluation loss is taken after
-training on 8 held-out batches. Everything is deterministic, so one round suffices; memory and loss are the
+Each runs in a fresh process, all side by side (peak RSS is each process's high-water mark), for the same steps
+from the same initial weights; the training loss is the mean of the last 5 steps, the evaluation loss the mean over
+8 held-out batches after training. Everything is deterministic, so one round suffices; memory and loss are the
 measures, not time (the machine is shared).
 
 Run from the repository root::
@@ -84,7 +84,7 @@ def run(contender: str, steps: int) -> dict:
     elif contender.startswith("galore"):
         config = GaLoreConfig(target_modules=TARGETS, rank=128, update_proj_gap=200, scale=0.25,
                               optim="adamw8bit" if contender == "galore8bit" else "adamw")
-        callbacks.append(PeftCallback(config, learning_rate=LEARNING_RATE, optim="adamw_torch"))
+        callbacks.append(PeftCallback(config, learning_rate=LEARNING_RATE))
     else:
         config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS)
         callbacks.append(PeftCallback(config, learning_rate=LEARNING_RATE, optim="adamw_torch"))
@@ -114,6 +114,18 @@ def table(results: dict[str, dict], steps: int) -> str:
     return "\n".join(rows)
 
 
+def report(results: dict[str, dict], steps: int) -> str:
+    cpu = platform.processor() or platform.machine()
+    return ("# GaLore: optimizer state, memory and loss\n\n"
+            "Written by `python benchmarks/galore.py` (see its docstring for the set-up): the 58M Llama of "
+            f"`benchmarks/compare.py`, all attention and MLP projections targeted, {steps} steps of batch "
+            f"{BATCH_SIZE} x {SEQ_LEN} random tokens at lr {LEARNING_RATE}, float32, CPU ({cpu}, torch "
+            f"{torch.__version__}). GaLore: rank 128, update_proj_gap 200, scale 0.25. Optimizer state counts every "
+            "state tensor the optimizer holds (GaLore: projection and projected moments); peak RSS is the whole "
+            "process's (model, activations, gradients, state).\n\n"
+            f"{table(results, steps)}\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
@@ -122,25 +134,19 @@ def main() -> None:
     if args.child:
         print(json.dumps(run(args.child, args.steps)))
         return
+    # Side by side: each process has its own peak RSS and the losses are deterministic; time is not measured.
+    children = {c: subprocess.Popen([sys.executable, __file__, "--child", c, "--steps", str(args.steps)],
+                                    stdout=subprocess.PIPE, text=True) for c in CONTENDERS}
     results = {}
-    for contender in CONTENDERS:
-        out = subprocess.run([sys.executable, __file__, "--child", contender, "--steps", str(args.steps)],
-                             capture_output=True, text=True, check=True)
-        results[contender] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(contender, results[contender], flush=True)
-    text = table(results, args.steps)
+    for contender, child in children.items():
+        out, _ = child.communicate()
+        if child.returncode:
+            raise SystemExit(f"{contender} failed (exit {child.returncode})")
+        results[contender] = json.loads(out.strip().splitlines()[-1])
+    text = report(results, args.steps)
     print(text)
     if args.steps >= 10:
-        cpu = platform.processor() or platform.machine()
-        OUT.write_text(
-            "# GaLore: optimizer state, memory and loss\n\n"
-            "Written by `python benchmarks/galore.py` (see its docstring for the set-up): the 58M Llama of "
-            f"`benchmarks/compare.py`, all attention and MLP projections targeted, {args.steps} steps of batch "
-            f"{BATCH_SIZE} x {SEQ_LEN} tokens at lr {LEARNING_RATE}, float32, CPU ({cpu}, "
-            f"torch {torch.__version__}). GaLore: rank 128, update_proj_gap 200, scale 0.25. "
-            "Optimizer state counts every state tensor the optimizer holds (GaLore: projection and projected "
-            "moments); peak RSS is the whole process's (model, activations, gradients, state).\n\n"
-            f"{text}\n")
+        OUT.write_text(text)
 
 
 if __name__ == "__main__":
