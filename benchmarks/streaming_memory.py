@@ -3,7 +3,7 @@ PeftStrategy's streaming quantize-at-setup.
 
 A random Llama of about 0.54B parameters is saved in bfloat16 with ``save_pretrained`` (sharded, like a hub
 checkpoint) to a temporary directory. Each side then runs in a fresh subprocess, which records its resident
-memory after its imports (the baseline) and its peak resident memory at the end (``ru_maxrss``):
+memory after its imports (the baseline) and its peak resident memory at the end (``VmHWM``):
 
 - transformers: ``from_pretrained(..., quantization_config=BitsAndBytesConfig(4-bit NF4, double quant))``,
   ``peft.get_peft_model`` with LoRA r=16 on q, k, v, o, one AdamW step;
@@ -11,6 +11,13 @@ memory after its imports (the baseline) and its peak resident memory at the end 
   ``Trainer(strategy=PeftStrategy(quantization=...), callbacks=[PeftCallback(...)], max_steps=1)``.
 
 Usage: ``python benchmarks/streaming_memory.py [--repeats N] [--out benchmarks/STREAMING.md]``.
+
+``--cli`` measures the command line instead: ``lightning-peft fit`` with ``CausalLMModule`` on the same
+checkpoint (plus a word-level tokenizer trained on the example chat data), one training step of LoRA on the
+bfloat16 base, against the same command with ``--trainer.strategy=qlora`` (the module creates the base on the meta
+device and the strategy streams it in, quantizing each weight as it arrives). Each run is ``lightning_peft.cli.main``
+in a fresh interpreter that records its resident memory after importing it (the baseline) and its peak at the end.
+It writes the "Through the CLI" section of ``--out``, leaving the rest of the file as it is.
 """
 
 from __future__ import annotations
@@ -19,7 +26,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -38,7 +44,10 @@ def rss_bytes() -> int:
 
 
 def peak_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+    """This process's peak resident set (``VmHWM``). Not ``ru_maxrss``: a child starts with its parent's resident
+    set at fork as its maximum, so it would report the benchmark's own peak (building the model) for every side."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024  # kilobytes
 
 
 def build(directory: Path) -> int:
@@ -119,10 +128,76 @@ def run_lightning_peft(directory: str) -> dict:
     return {"baseline": baseline, "peak": peak_bytes()}
 
 
+CHAT_DATA = Path(__file__).resolve().parent.parent / "examples" / "data" / "chatterbot_english.jsonl"
+CLI_CONFIG = """\
+seed_everything: 0
+trainer:
+  accelerator: cpu
+  devices: 1
+  max_steps: 1
+  limit_val_batches: 0
+  num_sanity_val_steps: 0
+  logger: false
+  enable_checkpointing: false
+  enable_progress_bar: false
+  enable_model_summary: false
+  callbacks:
+    - class_path: lightning_peft.PeftCallback
+      init_args:
+        adapter:
+          class_path: lightning_peft.LoraConfig
+          init_args: {{r: 16, lora_alpha: 32, target_modules: {targets}}}
+model:
+  class_path: lightning_peft.CausalLMModule
+  init_args: {{model_name_or_path: {model}, dtype: bfloat16}}
+data:
+  class_path: lightning_peft.ChatDataModule
+  init_args: {{train_file: {data}, max_length: {seq}, batch_size: {batch}, max_train_examples: 64,
+               max_val_examples: 4}}
+"""
+CLI_SIDES = {"lora": [], "qlora": ["--trainer.strategy=qlora"],
+             "qlora, glibc's default heap": ["--trainer.strategy=qlora"]}
+
+
+def save_tokenizer(directory: Path) -> None:
+    """A word-level tokenizer of the example chat data, with a ChatML template (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [m["content"] for line in CHAT_DATA.read_text().splitlines() for m in json.loads(line)["messages"]]
+    tokenizer = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    specials = ["[PAD]", "[UNK]", "<|im_start|>", "<|im_end|>"]
+    tokenizer.train_from_iterator(texts, trainers.WordLevelTrainer(vocab_size=ARCH["vocab_size"],
+                                                                   special_tokens=specials))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]",
+                                   eos_token="<|im_end|>", model_input_names=["input_ids", "attention_mask"])
+    fast.chat_template = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+                          "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    fast.save_pretrained(directory)
+
+
+def cli_args(directory: Path, side: str) -> list[str]:
+    config = directory / "fit.yaml"
+    return ["fit", f"--config={config}", *CLI_SIDES[side]]
+
+
+def run_cli(directory: str, side: str) -> dict:
+    import bitsandbytes  # noqa: F401  (imported before the baseline on both sides)
+
+    from lightning_peft import cli
+
+    if "default heap" in side:  # what the command's allocator setting saves, measured by leaving it out
+        cli.map_large_allocations = lambda: None
+    baseline = rss_bytes()
+    cli.main(cli_args(Path(directory), side))
+    return {"baseline": baseline, "peak": peak_bytes()}
+
+
 def measure(side: str, directory: Path) -> dict:
     """Run one side in a fresh interpreter, so neither sees the other's allocations."""
     out = subprocess.run([sys.executable, __file__, "--side", side, str(directory)], capture_output=True, text=True,
-                         check=False)
+                         check=False, cwd=directory)  # the command saves its config.yaml there
     if out.returncode != 0:
         raise RuntimeError(f"{side} failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -140,14 +215,21 @@ def machine() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--side", choices=["transformers", "lightning_peft"], help=argparse.SUPPRESS)
+    parser.add_argument("--side", choices=["transformers", "lightning_peft", *CLI_SIDES], help=argparse.SUPPRESS)
     parser.add_argument("directory", nargs="?", help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--cli", action="store_true", help="measure lightning-peft fit, LoRA against QLoRA")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("STREAMING.md"))
     args = parser.parse_args()
+    if args.side in CLI_SIDES:
+        print(json.dumps(run_cli(args.directory, args.side)))
+        return
     if args.side:
         run = run_transformers if args.side == "transformers" else run_lightning_peft
         print(json.dumps(run(args.directory)))
+        return
+    if args.cli:
+        main_cli(args.repeats, args.out)
         return
 
     import importlib.metadata as md
@@ -174,7 +256,7 @@ def main() -> None:
         f"with `save_pretrained` ({disk / mb:.0f} MiB of safetensors shards).",
         f"- Both: 4-bit NF4, double quantization, bfloat16 compute; LoRA r=16 on {', '.join(TARGETS)}; one "
         f"training step on a batch of {BATCH}x{SEQ} tokens (forward, backward, AdamW step); CPU.",
-        "- Memory: peak resident set (`ru_maxrss`) minus the resident set after imports, each side in a fresh "
+        "- Memory: peak resident set (`VmHWM`) minus the resident set after imports, each side in a fresh "
         "process.",
         "",
         "| side | baseline after imports (MiB) | peak (MiB) | peak above baseline (MiB) |",
@@ -192,6 +274,85 @@ def main() -> None:
     ]
     args.out.write_text("\n".join(lines))
     print("\n".join(lines))
+
+
+def main_cli(repeats: int, out: Path) -> None:
+    import importlib.metadata as md
+
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        params = build(directory / "model")
+        save_tokenizer(directory / "model")
+        (directory / "fit.yaml").write_text(CLI_CONFIG.format(targets=json.dumps(TARGETS), model=directory / "model",
+                                                              data=CHAT_DATA, seq=SEQ, batch=BATCH))
+        command = " ".join(["lightning-peft", *cli_args(directory, "qlora")]).replace(tmp, "$TMP")
+        config = (directory / "fit.yaml").read_text().replace(tmp, "$TMP").replace(f"{CHAT_DATA.parents[2]}/", "")
+        results = {side: [measure(side, directory) for _ in range(repeats)] for side in CLI_SIDES}
+    mb = 2**20
+    over = {side: [(r["peak"] - r["baseline"]) / mb for r in runs] for side, runs in results.items()}
+    ratio = max(over["qlora"]) / min(over["lora"])
+    typical = statistics.median(over["qlora"]) / statistics.median(over["lora"])
+    versions = ", ".join(f"{p} {md.version(p)}" for p in ("transformers", "bitsandbytes", "lightning", "gguf"))
+    lines = [
+        "## Through the CLI: `lightning-peft fit`, LoRA on the bfloat16 base against QLoRA",
+        "",
+        f"Produced by `python benchmarks/streaming_memory.py --cli --repeats {repeats}`.",
+        "",
+        f"- Machine: {machine()}; {versions}.",
+        f"- Model: the same random Llama ({params / 1e9:.2f}B parameters, bfloat16 safetensors shards), with a "
+        f"word-level tokenizer of the example chat data; `CausalLMModule(dtype=bfloat16)`.",
+        f"- Both: LoRA r=16 on {', '.join(TARGETS)}, one training step on a batch of {BATCH} chat examples of at "
+        f"most {SEQ} tokens, no validation, the optimizer each side gets by default (torch AdamW; bitsandbytes' "
+        f"AdamW32bit under QLoRA on a CPU).",
+        "- QLoRA: `--trainer.strategy=qlora` (NF4, double quantization, bfloat16 compute). `CausalLMModule` creates "
+        "the base on the meta device and the strategy streams it in from the safetensors files, quantizing each "
+        "weight as it arrives.",
+        "- Memory: peak resident set (`VmHWM`) minus the resident set after importing `lightning_peft.cli`, each "
+        "run `lightning_peft.cli.main([...])` (what the `lightning-peft` command runs) in a fresh process. The "
+        "command has glibc map allocations of 1 MiB and more on their own (`streaming.map_large_allocations`); the "
+        "last side leaves that out, to show what it saves.",
+        "",
+        "Command (QLoRA side; the LoRA side leaves out the last option):",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        "`$TMP/fit.yaml`:",
+        "",
+        "```yaml",
+        config.rstrip(),
+        "```",
+        "",
+        "| side | baseline after imports (MiB) | peak (MiB) | peak above baseline (MiB) |",
+        "|---|---|---|---|",
+    ]
+    for side, runs in results.items():
+        for r, extra in zip(runs, over[side]):
+            lines.append(f"| {side} | {r['baseline'] / mb:.0f} | {r['peak'] / mb:.0f} | {extra:.0f} |")
+    heap = statistics.median(over["qlora, glibc's default heap"]) / statistics.median(over["lora"])
+    lines += [
+        "",
+        f"**Ratio** (worst QLoRA run over best LoRA run, above baseline): **{ratio:.2f}x** (target: at most 0.5x); "
+        f"median over median: **{typical:.2f}x**; with glibc's default heap: **{heap:.2f}x** (median over median).",
+        "",
+    ]
+    write_section(out, lines)
+    print("\n".join(lines))
+
+
+def write_section(path: Path, lines: list[str]) -> None:
+    """Put ``lines`` (a ``## `` section) in place of the section of ``path`` with the same heading, or at its end."""
+    text = path.read_text() if path.exists() else ""
+    heading = lines[0]
+    start = text.find(heading)
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" if text else ""
+        path.write_text(text + "\n".join(lines))
+        return
+    following = text.find("\n## ", start + len(heading))
+    rest = text[following + 1:] if following >= 0 else ""
+    path.write_text(text[:start] + "\n".join(lines) + ("\n" + rest if rest else ""))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from lightning_peft.methods.base import AdapterConfig
 from lightning_peft.modules import CausalLMModule, load_pretrained, load_tokenizer
 from lightning_peft.report import draw_report
 from lightning_peft.resources import resolve_path
+from lightning_peft.streaming import map_large_allocations
 
 DEBUG_ENV = "LIGHTNING_PEFT_DEBUG"
 _ROLE = re.compile(r":[\w:]+:`~?([^`<]*?)\s*(?:<[^`]*>)?`")  # :class:`X`, :paramref:`~a.b.X`, :ref:`text <x>`
@@ -226,6 +227,7 @@ def top_level_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """The console entry point; ``argv`` defaults to the command line."""
+    map_large_allocations()  # the C heap would keep a 4-bit base's freed per-layer buffers resident
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     args = [a for a in args if a != "--debug"]

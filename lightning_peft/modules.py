@@ -3,6 +3,11 @@
 Each loads its tokenizer in ``__init__`` (the DataModule takes it from there) and its transformers model in
 ``configure_model``, which ``PeftCallback.setup`` calls so the adapter goes in before the strategy wraps the
 model; ``configure_optimizers`` then sees only the adapter's parameters as trainable.
+
+Under a strategy that quantizes the base (``PeftStrategyMixin.streams_pretrained``), ``configure_model`` creates
+the model on the meta device instead (``meta_pretrained``: the config, dtype and generation config
+``from_pretrained`` would give), and the strategy streams the weights in from the module's ``pretrained_source``,
+quantizing each as it arrives: the full-precision base never exists whole.
 """
 
 from __future__ import annotations
@@ -18,13 +23,15 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.aggregation import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GgufConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GgufConfig
 
 from lightning_peft.checkpoint import restore_adapter
 from lightning_peft.data import prompt_text
 from lightning_peft.errors import ConfigError
 from lightning_peft.loss import TokenPerplexity, causal_lm_loss
 from lightning_peft.resources import remember_source, resolve_path
+from lightning_peft.strategy import PeftStrategyMixin
+from lightning_peft.streaming import PretrainedSource
 from lightning_peft.surgery import active_config
 
 Dtype = Literal["float32", "bfloat16", "float16"]
@@ -60,6 +67,25 @@ def load_pretrained(auto_class: Any, path: str, gguf_file: str | None = None, dt
     return model
 
 
+def meta_pretrained(auto_class: Any, path: str, gguf_file: str | None = None, dtype: Dtype | None = None,
+                    **kwargs: Any) -> Any:
+    """The model ``load_pretrained`` returns, on the meta device and without weights: the same config (``kwargs``
+    such as ``num_labels`` go to it), dtype, generation config and recorded source, for a strategy to stream the
+    weights in."""
+    reference, path = path, resolve_path(path)
+    config = AutoConfig.from_pretrained(path, gguf_file=gguf_file, **kwargs)
+    with torch.device("meta"):
+        model = auto_class.from_config(config, **({} if dtype is None else {"dtype": getattr(torch, dtype)}))
+    if model.can_generate() and gguf_file is None:  # from_pretrained reads generation_config.json, not from GGUF
+        model.adjust_generation_fn(
+            generation_config=None, from_auto_class=True, from_pipeline=None, pretrained_model_name_or_path=path,
+            cache_dir=None, force_download=False, proxies=None, local_files_only=True, token=None, revision=None,
+            subfolder="", trust_remote_code=None,
+        )
+    remember_source(model, reference, gguf_file)
+    return model
+
+
 class _TransformerModule(L.LightningModule):
     """Optimizer and schedule shared by the built-in modules: AdamW over what trains (or the optimizer the adapter
     method must train with: GaLore's), linear warmup, cosine decay.
@@ -70,12 +96,26 @@ class _TransformerModule(L.LightningModule):
         warmup_steps: steps of linear warmup before the cosine decay to a tenth of the rate.
     """
 
+    pretrained_source: PretrainedSource  # the base's weights; a streaming strategy reads them from here
+
     def __init__(self, learning_rate: float, weight_decay: float, warmup_steps: int) -> None:
         super().__init__()
         if learning_rate <= 0:
             raise ConfigError(f"learning_rate must be positive, got {learning_rate}.")
         self.learning_rate, self.weight_decay, self.warmup_steps = learning_rate, weight_decay, warmup_steps
         self.model: Any = None
+
+    def _create_model(self, auto_class: Any, dtype: Dtype, **kwargs: Any) -> Any:
+        """``auto_class.from_pretrained`` of ``pretrained_source``, or, when the trainer's strategy streams the
+        base in, the same model on the meta device."""
+        try:
+            strategy = self.trainer.strategy
+        except RuntimeError:  # not attached to a Trainer (lightning-peft generate builds the model alone)
+            strategy = None
+        streamed = isinstance(strategy, PeftStrategyMixin) and strategy.streams_pretrained
+        source = self.pretrained_source
+        create = meta_pretrained if streamed else load_pretrained
+        return create(auto_class, source.path, source.gguf_file, dtype, **kwargs)
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]
@@ -109,6 +149,7 @@ class CausalLMModule(_TransformerModule):
 
     Args:
         model_name_or_path: a transformers model directory (``package:NAME/path`` inside an installed package).
+            Under a quantizing strategy its weights are streamed in one tensor at a time, each quantized on arrival.
         gguf_file: a GGUF file in that directory to load (dequantized) instead of safetensors weights.
         tokenizer: where the tokenizer is, when not with the model.
         chat_template: a Jinja chat template (or a ``.jinja`` file) replacing the tokenizer's.
@@ -134,6 +175,7 @@ class CausalLMModule(_TransformerModule):
         super().__init__(learning_rate, weight_decay, warmup_steps)
         self.save_hyperparameters()
         self.model_name_or_path, self.gguf_file, self.dtype_name = model_name_or_path, gguf_file, dtype
+        self.pretrained_source = PretrainedSource(resolve_path(model_name_or_path), gguf_file)
         self.tokenizer = load_tokenizer(tokenizer or model_name_or_path, None if tokenizer else gguf_file,
                                         chat_template)
         self.generate_prompts = list(generate_prompts or [])
@@ -152,7 +194,7 @@ class CausalLMModule(_TransformerModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        self.model = load_pretrained(AutoModelForCausalLM, self.model_name_or_path, self.gguf_file, self.dtype_name)
+        self.model = self._create_model(AutoModelForCausalLM, self.dtype_name)
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model.generation_config.pad_token_id = self.tokenizer.pad_token_id
@@ -213,6 +255,7 @@ class SequenceClassificationModule(_TransformerModule):
 
     Args:
         model_name_or_path: a transformers model directory (``package:NAME/path`` inside an installed package).
+            Under a quantizing strategy its weights are streamed in one tensor at a time, each quantized on arrival.
         num_labels: number of classes; the head is created with this many outputs.
         tokenizer: where the tokenizer is, when not with the model.
     """
@@ -232,6 +275,7 @@ class SequenceClassificationModule(_TransformerModule):
             raise ConfigError(f"num_labels must be at least 2, got {num_labels}.")
         self.save_hyperparameters()
         self.model_name_or_path, self.num_labels, self.dtype_name = model_name_or_path, num_labels, dtype
+        self.pretrained_source = PretrainedSource(resolve_path(model_name_or_path))
         self.tokenizer = load_tokenizer(tokenizer or model_name_or_path)
         for stage in ("val", "test"):
             setattr(self, f"{stage}_accuracy", MulticlassAccuracy(num_classes=num_labels, average="micro"))
@@ -240,8 +284,8 @@ class SequenceClassificationModule(_TransformerModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        self.model = load_pretrained(AutoModelForSequenceClassification, self.model_name_or_path,
-                                     dtype=self.dtype_name, num_labels=self.num_labels)
+        self.model = self._create_model(AutoModelForSequenceClassification, self.dtype_name,
+                                        num_labels=self.num_labels)
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model.train()

@@ -17,9 +17,11 @@ norms and heads ``prepare_model`` holds in float32, the packed data of 4-bit lay
 ``setup`` and given back, the very tensors, in ``model_to_device`` before the move: the only public step between
 the conversion and the DDP wrap.
 
-Which directory streaming reads: ``checkpoint_dir`` when given, else the meta model's ``name_or_path``, which
+What streaming reads: ``checkpoint_dir`` when given, else the LightningModule's ``pretrained_source`` (a
+``PretrainedSource``: a directory, or a GGUF file in it), else the meta model's ``name_or_path``, which
 ``AutoConfig.from_pretrained(path)`` records. A model that already holds weights is quantized in place and
-never read from disk. ``trainer.init_module(empty_init=True)`` creates the model on the meta device.
+never read from disk. ``trainer.init_module(empty_init=True)`` creates the model on the meta device; the
+built-in modules create theirs there when the strategy quantizes (``streams_pretrained``) and record their source.
 
 Registered with Lightning's ``StrategyRegistry``: ``"peft"``, ``"peft_ddp"`` (no quantization) and ``"qlora"``,
 ``"qlora_ddp"`` (NF4, double quantization, bfloat16 compute).
@@ -50,7 +52,7 @@ from lightning_peft.quantization import (
     skip_paths,
     upcast_for_stability,
 )
-from lightning_peft.streaming import meta_tensor_names, stream_load
+from lightning_peft.streaming import PretrainedSource, meta_tensor_names, stream_load
 from lightning_peft.surgery import adapter_layers, find_transformer, modules_to_save_paths, resolve_config
 
 
@@ -79,6 +81,13 @@ class PeftStrategyMixin:
         """What ``PeftCallback(optim="auto")`` builds under this strategy: paged AdamW for a quantized base."""
         return "paged_adamw_32bit" if self.quantization is not None else "auto"
 
+    @property
+    def streams_pretrained(self) -> bool:
+        """Whether a module that loads a pretrained base (the built-in ones do) should create it on the meta device
+        for ``prepare_model`` to stream in: when the base is quantized, so its full-precision weights never exist
+        whole. Unquantized, ``from_pretrained`` holds each weight once anyway."""
+        return self.quantization is not None
+
     def prepare_model(self, pl_module: pl.LightningModule, adapter: AdapterConfig | None = None) -> None:
         """Quantize, stream-load, freeze and checkpoint the transformers model of ``pl_module`` (once).
 
@@ -91,7 +100,7 @@ class PeftStrategyMixin:
             raise ConfigError(f"{type(adapter).__name__} cannot train on a quantized base: "
                               f"{adapter.quantized_base_refusal}")
         device = self.root_device
-        directory = self._checkpoint_directory(model) if meta_tensor_names(model) else None
+        source = self._weight_source(pl_module, model) if meta_tensor_names(model) else None
         keep = set()
         if self.quantization is not None:
             if adapter is not None:
@@ -99,9 +108,13 @@ class PeftStrategyMixin:
             replaced = quantize_model(model, self.quantization, device, skip_paths(model, self.quantization, keep))
             bits = 4 if self.quantization.load_in_4bit else 8
             rank_zero_info(f"Quantized {len(replaced)} linear layers to {bits} bits.")
-        if directory is not None:
-            stream_load(model, directory, device)
-            rank_zero_info(f"Loaded the base weights from {directory}, tensor by tensor.")
+        if source is not None:
+            # A module's own source asks for what from_pretrained(source) gives: a head the checkpoint lacks is new.
+            initialized = stream_load(model, source, device,
+                                      initialize_missing=source is getattr(pl_module, "pretrained_source", None))
+            origin = source.path if source.gguf_file is None else f"{source.gguf_file} in {source.path}"
+            rank_zero_info(f"Loaded the base weights from {origin}, tensor by tensor"
+                           + (f"; newly initialized: {', '.join(initialized)}." if initialized else "."))
         if self.quantization is not None:
             model.requires_grad_(False)
             self._float32_modules.extend(upcast_for_stability(model, sorted(keep)))
@@ -113,7 +126,12 @@ class PeftStrategyMixin:
                 model.enable_input_require_grads()
         self._prepared.append(model)
 
-    def _checkpoint_directory(self, model: nn.Module) -> str:
+    def _weight_source(self, pl_module: pl.LightningModule, model: nn.Module) -> PretrainedSource:
+        """Where a meta model's weights are read: ``checkpoint_dir``, else the module's ``pretrained_source``,
+        else the model's ``name_or_path``."""
+        recorded = getattr(pl_module, "pretrained_source", None)
+        if self.checkpoint_dir is None and isinstance(recorded, PretrainedSource):
+            return recorded
         directory = self.checkpoint_dir or getattr(model, "name_or_path", None) or None
         if directory is None or not Path(directory).is_dir():
             raise ConfigError(
@@ -121,7 +139,7 @@ class PeftStrategyMixin:
                 f"directory, but {'none is known' if directory is None else f'{directory!r} is not a directory'}. "
                 f"Create it from AutoConfig.from_pretrained(path) or pass PeftStrategy(checkpoint_dir=path)."
             )
-        return directory
+        return PretrainedSource(directory)
 
     def setup(self, trainer: pl.Trainer) -> None:
         self.prepare_model(trainer.lightning_module)  # before the parent moves and wraps the model

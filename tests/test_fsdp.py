@@ -14,6 +14,7 @@ from pathlib import Path
 import peft
 import pytest
 import torch
+import transformers
 from lightning.pytorch.strategies import FSDPStrategy, StrategyRegistry
 from safetensors.torch import load_file
 from torch.distributed.fsdp import FullyShardedDataParallel
@@ -40,8 +41,8 @@ from lightning_peft import (
     load_adapter,
     save_adapter,
 )
-from lightning_peft.quantization import quantize_model, skip_paths
-from tiny_assets import save_tiny_causal_lm
+from lightning_peft.quantization import is_quantized, quantize_model, skip_paths
+from tiny_assets import save_tiny_causal_lm, tiny_tokenizer
 
 NF4 = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype="bfloat16",
            bnb_4bit_quant_storage="bfloat16")
@@ -178,3 +179,19 @@ def test_qlora_fsdp_on_cuda(tmp_path):
     base = make_model("llama", **QUANTIZABLE)
     quantize_model(base, QuantizationConfig(**NF4), "cpu", skip_paths(base, QuantizationConfig(**NF4)))
     load_adapter(base, tmp_path)
+
+
+def test_built_in_module_streams_its_base_in_under_qlora_fsdp(tmp_path, monkeypatch):
+    """Under a quantizing PeftFSDPStrategy, CausalLMModule creates its base on the meta device and each rank streams
+    it in (quantizing each weight) before the wrap: from_pretrained never runs."""
+    make_model("llama", **QUANTIZABLE).to(torch.bfloat16).save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    module = CausalLMModule(str(tmp_path), dtype="bfloat16")
+    ids = torch.randint(1, 90, (4, 12), generator=torch.Generator().manual_seed(0))
+    rows = [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": i} for i in ids]
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", None)
+    with _fits_in_this_process():
+        trainer(strategy=PeftFSDPStrategy(quantization=QuantizationConfig(**NF4)), precision="bf16-true", max_steps=2,
+                callbacks=[PeftCallback(LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))]).fit(
+            module, torch.utils.data.DataLoader(rows, batch_size=2))
+    assert sum(is_quantized(m) for m in module.model.modules()) == 14
