@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from lightning_peft import (
     AdaLoraConfig,
     BottleneckAdapterConfig,
+    GaLoreConfig,
     IA3Config,
     LoraConfig,
     PrefixTuningConfig,
@@ -30,6 +31,7 @@ from lightning_peft.surgery import attach, count_parameters
 DOC = Path(__file__).resolve().parent / "methods.md"
 START, END = "<!-- methods-table:start -->", "<!-- methods-table:end -->"
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+MLP = ["gate_proj", "up_proj", "down_proj"]
 
 # Chosen rows (method, config as written in the table, config); every registered method without one gets a row with
 # its defaults. Whether it merges and whether HF PEFT loads it are read from the method itself.
@@ -47,6 +49,8 @@ ROWS: list[tuple[str, str, AdapterConfig]] = [
     ("Bottleneck", "reduction_factor=16, placement=both", BottleneckAdapterConfig(reduction_factor=16)),
     ("Prompt tuning", "num_virtual_tokens=20", PromptTuningConfig(num_virtual_tokens=20)),
     ("Prefix tuning", "num_virtual_tokens=20", PrefixTuningConfig(num_virtual_tokens=20)),
+    # GaLore adds no adapter: it trains the targeted weights themselves (merging has nothing to fold in).
+    ("GaLore", "rank=128, q/k/v/o + MLP", GaLoreConfig(target_modules=ATTENTION + MLP, rank=128)),
 ]
 
 

@@ -19,6 +19,7 @@ from lightning_peft.merge import MergeCallback, export_merged, merge_adapter
 from lightning_peft.methods import (
     AdaLoraConfig,
     BottleneckAdapterConfig,
+    GaLoreConfig,
     IA3Config,
     LoraConfig,
     PrefixTuningConfig,
@@ -38,6 +39,7 @@ __all__ = [
     "CausalLMModule",
     "ChatDataModule",
     "ConfigError",
+    "GaLoreConfig",
     "IA3Config",
     "LoraConfig",
     "LoraFaConfig",

@@ -238,6 +238,7 @@ class PeftCallback(Callback):
         if not optimized & own:  # configure_optimizers returned None (Lightning's placeholder holds no parameter)
             trainer.optimizers = [self._build_optimizer(trainer, pl_module, trainable)]
             return
+        self._refuse_other_optimizers(trainer, pl_module)
         given = {name: value for name, value in (("learning_rate", self.learning_rate),
                                                  ("weight_decay", self.weight_decay), ("optim", self.optim))
                  if value is not None}
@@ -275,16 +276,43 @@ class PeftCallback(Callback):
 
     def _build_optimizer(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                          params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        """The optimizer over the adapter for a module that configures none."""
+        """The optimizer over the adapter for a module that configures none: the method's own (GaLore's), or
+        the one ``optim`` names."""
         learning_rate = self.built_learning_rate(pl_module)
-        optim = self.optim or "auto"
-        if optim == "auto" and isinstance(trainer.strategy, PeftStrategyMixin):
-            optim = trainer.strategy.default_optim
-        optimizer = build_optimizer(params, optim, learning_rate, self.weight_decay or 0.0,
-                                    on_cuda=pl_module.device.type == "cuda")
+        model = find_transformer(pl_module)[1]
+        config = active_config(model)
+        optimizer = config.build_optimizer(model, learning_rate, self.weight_decay or 0.0)
+        if optimizer is not None and self.optim is not None:
+            raise ConfigError(f"PeftCallback(optim={self.optim!r}) would do nothing: {type(config).__name__} trains "
+                              f"with its own optimizer; choose it with {type(config).__name__}(optim=...).")
+        if optimizer is None:
+            optim = self.optim or "auto"
+            if optim == "auto" and isinstance(trainer.strategy, PeftStrategyMixin):
+                optim = trainer.strategy.default_optim
+            optimizer = build_optimizer(params, optim, learning_rate, self.weight_decay or 0.0,
+                                        on_cuda=pl_module.device.type == "cuda")
         rank_zero_info(f"configure_optimizers returned None: built {type(optimizer).__name__} (lr={learning_rate}) "
                        f"over {len(params)} adapter tensors.")
         return optimizer
+
+    def _refuse_other_optimizers(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse optimizers from ``configure_optimizers`` when the method trains with its own (GaLore): keeping
+        them would not be the method, and replacing them silently would drop the user's settings."""
+        model = find_transformer(pl_module)[1]
+        config = active_config(model)
+        own = config.build_optimizer(model, DEFAULT_LEARNING_RATE, 0.0)
+        if own is None:
+            return
+        others = [type(opt).__name__ for opt in trainer.optimizers if not isinstance(opt, type(own))]
+        if others:
+            name = type(config).__name__
+            raise ConfigError(
+                f"{name} trains with its own optimizer ({type(own).__name__}), but "
+                f"{type(pl_module).__name__}.configure_optimizers returned {', '.join(others)}. Return None from "
+                f"configure_optimizers to let PeftCallback build it (learning_rate and weight_decay from "
+                f"PeftCallback or the module; rank, update_proj_gap, scale and optim from {name}), or build it "
+                f"there with `{name}.build_optimizer(model, lr, weight_decay)` to add a scheduler."
+            )
 
     def _split_lr_groups(self, trainer: pl.Trainer, model: torch.nn.Module) -> None:
         """Give the parameters the method trains at another rate (LoRA+'s B matrices) param groups of their own, in

@@ -425,16 +425,17 @@ def report(findings: list[Finding]) -> None:
 
 
 def first_step_findings(model: nn.Module, backward_ran: bool) -> list[Finding]:
-    """After the first training batch: the loss must have reached some adapter parameter."""
+    """After the first training batch: the loss must have reached some trained parameter (the adapter's, or the
+    weights a method trains in full, as GaLore does)."""
     if not backward_ran:
         return [Finding("error", "The first training step ran no backward pass.",
                         "training_step returned None (or a dict without 'loss'), so nothing trains.",
                         "Return the loss from training_step: `return self.model(**batch).loss` with labels in the "
                         "batch.")]
-    params = [p for layer in adapter_layers(model).values() for p in layer.adapter_parameters().values()]
+    params = [p for p in model.parameters() if p.requires_grad]
     if any(p.grad is not None and bool(p.grad.detach().ne(0).any()) for p in params):
         return []
-    return [Finding("error", "After the first backward no adapter parameter has a non-zero gradient.",
+    return [Finding("error", "After the first backward no trained parameter has a non-zero gradient.",
                     "The loss does not depend on the adapter: the batch has no labels (the model returned no "
                     "loss that reaches it), the loss was detached, or checkpointing cut the graph.",
                     "Put labels in the batch (lightning_peft.ChatDataModule does) and return the model's loss "

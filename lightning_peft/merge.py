@@ -60,7 +60,11 @@ def merge_adapter(model: nn.Module, dtype: ExportDtype | None = None) -> nn.Modu
     merged = {path: layer.merged_module() for path, layer in layers.items()}  # refuses before any swap
     merged.update({path: dequantize_module(m) for path, m in _bare_quantized(hf, layers).items()})
     for path, module in merged.items():
-        set_submodule(hf, path, module)
+        if module is None:
+            parent, _, name = path.rpartition(".")
+            delattr(hf.get_submodule(parent) if parent else hf, name)
+        else:
+            set_submodule(hf, path, module)
     if torch_dtype is not None:
         hf.to(torch_dtype)
     return model

@@ -40,7 +40,7 @@ from lightning_peft.loss import TokenPerplexity, causal_lm_loss
 from lightning_peft.resources import remember_source, resolve_path
 from lightning_peft.strategy import PeftStrategyMixin
 from lightning_peft.streaming import PretrainedSource
-from lightning_peft.surgery import adapter_layers
+from lightning_peft.surgery import active_config, adapter_layers
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 
@@ -95,7 +95,8 @@ def meta_pretrained(auto_class: Any, path: str, gguf_file: str | None = None, dt
 
 
 class _TransformerModule(L.LightningModule):
-    """Optimizer and schedule shared by the built-in modules: AdamW over what trains, linear warmup, cosine decay.
+    """Optimizer and schedule shared by the built-in modules: AdamW over what trains (or the optimizer the adapter
+    method must train with: GaLore's), linear warmup, cosine decay.
 
     Args:
         learning_rate: the run's peak learning rate (this module builds the optimizer, so PeftCallback's stays unset).
@@ -146,7 +147,10 @@ class _TransformerModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay)
+        config = active_config(self.model)
+        optimizer = config.build_optimizer(self.model, self.learning_rate, self.weight_decay) if config else None
+        if optimizer is None:  # the method (GaLore) may need an optimizer of its own
+            optimizer = torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = min(self.warmup_steps, total - 1)
 

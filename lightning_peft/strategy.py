@@ -96,6 +96,9 @@ class PeftStrategyMixin:
         _, model = find_transformer(pl_module)
         if any(model is done for done in self._prepared):
             return
+        if self.quantization is not None and adapter is not None and adapter.quantized_base_refusal:
+            raise ConfigError(f"{type(adapter).__name__} cannot train on a quantized base: "
+                              f"{adapter.quantized_base_refusal}")
         device = self.root_device
         source = self._weight_source(pl_module, model) if meta_tensor_names(model) else None
         keep = set()

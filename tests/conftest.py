@@ -145,3 +145,10 @@ METHODS = {
     "prompt": dict(make=_prompt, peft=True, mergeable=False),
     "prefix": dict(make=_prefix, peft=True, mergeable=False, families=[f for f in FAMILIES if f != "distilbert"]),
 }
+
+# Registered methods these shared checks leave out, each with the reason and where it is tested instead.
+WITHOUT_RECIPE = {
+    # No adapter layer and no HF PEFT type: the layer forward, merge and interop checks have nothing to act on; it
+    # trains base weights under its own optimizer, which needs a module that configures none.
+    "GALORE": "tests/test_galore.py",
+}

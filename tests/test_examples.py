@@ -52,7 +52,8 @@ def in_workdir(tmp_path: Path) -> None:
 def test_there_is_a_config_per_task_method_and_strategy():
     names = {path.stem for path in CONFIGS}
     assert {"smollm2_lora", "smollm2_qlora", "smollm2_dora", "smollm2_ia3", "smollm2_prompt_tuning",
-            "smollm2_prefix_tuning", "smollm2_bottleneck", "smollm2_lora_ddp", "minilm_sentiment_lora"} <= names
+            "smollm2_prefix_tuning", "smollm2_bottleneck", "smollm2_galore", "smollm2_lora_ddp",
+            "minilm_sentiment_lora"} <= names
 
 
 @pytest.mark.parametrize("path", [p for p in CONFIGS if "ddp" not in p.stem], ids=lambda p: p.stem)

@@ -12,6 +12,7 @@ for _module in pkgutil.iter_modules(__path__):
 
 from lightning_peft.methods.adalora import AdaLoraConfig  # noqa: E402 (public names, re-exported)
 from lightning_peft.methods.bottleneck import BottleneckAdapterConfig  # noqa: E402
+from lightning_peft.methods.galore import GaLoreConfig  # noqa: E402
 from lightning_peft.methods.ia3 import IA3Config  # noqa: E402
 from lightning_peft.methods.lora import LoraConfig, LoraLayer  # noqa: E402
 from lightning_peft.methods.prefix import PrefixTuningConfig  # noqa: E402
@@ -23,6 +24,7 @@ __all__ = [
     "AdapterConfig",
     "AdapterLayer",
     "BottleneckAdapterConfig",
+    "GaLoreConfig",
     "IA3Config",
     "LoraConfig",
     "LoraLayer",

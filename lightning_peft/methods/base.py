@@ -69,6 +69,10 @@ class AdapterConfig(ABC):
     """Fields HF PEFT's config for this ``peft_type`` lacks: ``save_adapter`` writes them to the safetensors
     metadata instead of ``adapter_config.json``, so PEFT loads the JSON without warnings."""
 
+    quantized_base_refusal: ClassVar[str | None] = None
+    """Why this method cannot train on a 4-bit or 8-bit base (GaLore trains the base weights themselves), or None
+    when it can; ``PeftStrategy`` raises it before quantizing anything."""
+
     task_type: str | None = None
     """``CAUSAL_LM``, ``SEQ_CLS``, ...: tells HF PEFT which model class to wrap when it loads our files."""
     base_model_name_or_path: str | None = None
@@ -135,6 +139,13 @@ class AdapterConfig(ABC):
         """Adapter parameters in ``model`` that train at a multiple of the configured learning rate (LoRA+: the B
         matrices); ``PeftCallback`` moves them into param groups of their own in whichever optimizer runs."""
         return []
+
+    def build_optimizer(self, model: nn.Module, learning_rate: float, weight_decay: float
+                        ) -> torch.optim.Optimizer | None:
+        """The optimizer this method must train with, over the trainable parameters of ``model`` after injection
+        (GaLore: AdamW in a low-rank projection of the gradients), or None when any optimizer will do. Called
+        by ``PeftCallback``, which refuses a module that configures another one, and by ``CausalLMModule``."""
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         """Every field plus ``peft_type``, JSON-ready (``save_adapter`` keeps ``own_fields`` out of the JSON)."""
@@ -247,8 +258,9 @@ class AdapterLayer(nn.Module, ABC):
     def unmerge(self) -> None:
         """Undo ``merge`` (nothing to undo for a method that never merges)."""
 
-    def merged_module(self) -> nn.Module:
-        """A plain module with the adapter folded in, to take this layer's place for good."""
+    def merged_module(self) -> nn.Module | None:
+        """A plain module with the adapter folded in, to take this layer's place for good; None for a layer that
+        replaced nothing and leaves nothing behind (GaLore's record)."""
         raise MergeError(self.merge_refusal)
 
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
