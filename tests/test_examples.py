@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import launcher_free_env
 from lightning_peft.cli import main
 from tiny_assets import save_tiny_causal_lm, save_tiny_encoder
 
@@ -75,7 +76,8 @@ def test_ddp_config_runs_two_steps_in_two_processes(path, tiny, tmp_path):
     config = yaml.safe_load(path.read_text())
     in_workdir(tmp_path)
     result = subprocess.run([sys.executable, "-m", "lightning_peft.cli", "fit", "--config", str(path),
-                             *overrides(config, tiny)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                             *overrides(config, tiny)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env=launcher_free_env())  # an in-process FSDP/DDP test may have left its rank variables
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = list(tmp_path.rglob("metrics.csv"))
     assert metrics and "val_loss" in metrics[0].read_text()
