@@ -191,7 +191,7 @@ def share_findings(run: Run) -> list[Finding]:
         return [Finding("warning", f"Only {share:.4%} of the parameters train ({trainable:,} of {total:,}).",
                         "So small an adapter rarely learns a new task; the loss will barely move.",
                         "target_modules: all-linear   (or raise r)")]
-    if share > high:
+    if share > high and not run.adapter.trains_base_weights:
         return [Finding("warning", f"{share:.1%} of the parameters train ({trainable:,} of {total:,}).",
                         "That is close to a full fine-tune: memory, checkpoints and forgetting grow with it; "
                         "usually modules_to_save holds the embeddings or bias is 'all'.",

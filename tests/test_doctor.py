@@ -15,7 +15,7 @@ import yaml
 
 from conftest import make_model
 from lightning_helpers import CausalLM, loader, trainer
-from lightning_peft import CausalLMModule, ChatDataModule, ConfigError, LoraConfig, PeftCallback, QuantizationConfig
+from lightning_peft import CausalLMModule, ChatDataModule, ConfigError, GaLoreConfig, LoraConfig, PeftCallback, QuantizationConfig
 from lightning_peft import doctor
 from lightning_peft.cli import main
 from lightning_peft.doctor import Run
@@ -103,6 +103,10 @@ def test_trainable_share_too_low_or_too_high_warns():
     tiny = make_model("llama")
     attach(tiny, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens"]))
     assert "close to a full fine-tune" in doctor.share_findings(Run(tiny, LoraConfig()))[0].why
+    galore = make_model("llama")
+    config = GaLoreConfig(target_modules="all-linear")  # training the weights in full is GaLore's point
+    attach(galore, config)
+    assert doctor.share_findings(Run(galore, config)) == []
 
 
 @pytest.mark.parametrize(("lr", "expected"), [(1e-7, ["warning"]), (2e-4, []), (1e-2, ["warning"]), (1.0, ["error"])])

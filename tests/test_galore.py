@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from conftest import make_model
-from lightning_helpers import CausalLM, loader, trainer
+from lightning_helpers import CausalLM, check_ranks_against_one_process, loader, run_two_processes, trainer
 from lightning_peft import (
     ConfigError,
     GaLoreConfig,
@@ -72,6 +72,14 @@ def test_only_the_targeted_weights_train():
                          for kind, t in [("self_attn", "q_proj"), ("self_attn", "v_proj"), ("mlp", "up_proj")]}
 
 
+def test_all_linear_trains_every_projection_but_the_output_head():
+    model = make_model("llama")
+    attach(model, galore(target_modules="all-linear"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert trainable == linear - {"lm_head.weight"} and len(trainable) == 14
+
+
 @pytest.mark.parametrize(("kwargs", "field"), [
     (dict(rank=0), "rank"), (dict(update_proj_gap=0), "update_proj_gap"), (dict(scale=-1.0), "scale"),
     (dict(target_modules=None), "target_modules"), (dict(optim="sgd"), "optim"), (dict(proj_type="left"), "proj_type"),
@@ -113,6 +121,16 @@ def test_checkpoint_holds_the_trained_weights_and_projected_state_and_resume_is_
     resumed = _fit(8, ckpt_path=tmp_path / "epoch=0-step=4.ckpt")
     for key, value in straight.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_ddp_ranks_train_the_weights_one_process_trains_on_their_batches_together(tmp_path):
+    run_two_processes("ddp", tmp_path, 4, "galore:llama")
+    run = tmp_path / "galore-llama"
+    saved = check_ranks_against_one_process(run, CausalLM(optimizer=None), [PeftCallback(galore())])
+    assert len(saved) == 6 and all(k.endswith("_proj.weight") for k in saved)
+    initial = make_model("llama").state_dict()
+    assert all(not torch.equal(saved[k], initial[k.removeprefix("base_model.model.")]) for k in saved)
 
 
 def test_a_module_with_its_own_optimizer_is_refused_with_how_to_choose_it():

@@ -69,6 +69,10 @@ class AdapterConfig(ABC):
     """Fields HF PEFT's config for this ``peft_type`` lacks: ``save_adapter`` writes them to the safetensors
     metadata instead of ``adapter_config.json``, so PEFT loads the JSON without warnings."""
 
+    trains_base_weights: ClassVar[bool] = False
+    """Whether the method trains the targeted base weights in full (GaLore), so a large trainable share is its
+    point, not a mistake the doctor warns about."""
+
     quantized_base_refusal: ClassVar[str | None] = None
     """Why this method cannot train on a 4-bit or 8-bit base (GaLore trains the base weights themselves), or None
     when it can; ``PeftStrategy`` raises it before quantizing anything."""

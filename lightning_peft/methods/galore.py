@@ -33,7 +33,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lightning_peft.errors import ConfigError
 from lightning_peft.methods.base import AdapterConfig, AdapterLayer
-from lightning_peft.targets import select_targets
+from lightning_peft.targets import find_targets
 from lightning_peft.validation import check_module_patterns
 
 RECORD_PATH = "galore"
@@ -51,14 +51,15 @@ class GaLoreConfig(AdapterConfig):
     peft_type: ClassVar[str] = "GALORE"
     known_to_hf_peft: ClassVar[bool] = False
     own_fields: ClassVar[tuple[str, ...]] = ()  # no HF PEFT config to keep clean: every field goes in the JSON
+    trains_base_weights: ClassVar[bool] = True
     quantized_base_refusal: ClassVar[str | None] = (
         "GaLore trains the base weights themselves, and a 4-bit or 8-bit weight cannot take optimizer updates. "
         "Train GaLore on a bfloat16/float32 base (drop the quantization), or use LoRA for a quantized base (QLoRA)."
     )
 
     target_modules: str | list[str] | None = None
-    """Linear layers whose weights train in full (names or suffixes, or a regex), e.g. attention and MLP
-    projections."""
+    """Linear layers whose weights train in full (names or suffixes, a regex, or ``"all-linear"``: every linear
+    layer but the output head), e.g. attention and MLP projections."""
     exclude_modules: str | list[str] | None = None
     """Linear layers left frozen even where ``target_modules`` matches them."""
     rank: int = 128
@@ -89,8 +90,8 @@ class GaLoreConfig(AdapterConfig):
 
     def targets(self, model: nn.Module) -> dict[str, nn.Module]:
         """The linear layers whose weights GaLore trains; a quantized one is refused (see the refusal above)."""
-        found = select_targets(model, self.target_modules, self.exclude_modules,
-                               lambda m: isinstance(m, (nn.Linear, Conv1D)))
+        found = find_targets(model, self.target_modules, self.exclude_modules, {}, "GaLoreConfig",
+                             lambda m: isinstance(m, (nn.Linear, Conv1D)))
         quantized = [path for path, m in found.items() if not m.weight.is_floating_point()
                      or type(m.weight).__name__ in ("Params4bit", "Int8Params")]
         if quantized:

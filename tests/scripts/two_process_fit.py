@@ -4,7 +4,7 @@ tests/test_fsdp.py.
 usage: two_process_fit.py {ddp,fsdp} OUT_DIR MAX_STEPS [--ckpt PATH] [--resume] [--configure-model] [--nf4]
                           [METHOD:FAMILY ...]
 
-Each METHOD:FAMILY (default lora:llama; methods as in conftest.METHODS) is fitted in turn, from a fresh module,
+Each METHOD:FAMILY (default lora:llama; methods as in conftest.METHODS, or galore) is fitted in turn, from a fresh module,
 into OUT_DIR/METHOD-FAMILY/, with a checkpoint every 4 steps under ckpt/; each rank records what
 lightning_helpers.RankRecorder writes. --ckpt resumes every fit from PATH; --resume fits each run again, in the
 same processes, from its checkpoint at step 4 into .../resumed/; --configure-model builds the model in
@@ -26,12 +26,18 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
 from conftest import METHODS, QUANTIZABLE  # noqa: E402
 from lightning_helpers import CausalLM, RankRecorder, loader  # noqa: E402
+from test_galore import galore  # noqa: E402
 from lightning_peft import PeftCallback, PeftDDPStrategy, PeftFSDPStrategy, QuantizationConfig  # noqa: E402
 
 DDP_NF4 = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                bnb_4bit_compute_dtype="bfloat16")
 FSDP_NF4 = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype="bfloat16",
                 bnb_4bit_quant_storage="bfloat16")
+
+
+def adapter_config(method: str, family: str):
+    """GaLore is no conftest.METHODS recipe (it has no adapter layer); its settings are tests/test_galore.py's."""
+    return galore() if method == "galore" else METHODS[method]["make"](family)
 
 
 def strategy_and_precision(kind: str, nf4: bool):
@@ -44,12 +50,13 @@ def strategy_and_precision(kind: str, nf4: bool):
 
 def fit(args: argparse.Namespace, out: Path, method: str, family: str, ckpt_path: str | None) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    module = CausalLM(family=family, in_init=not args.configure_model, sizes=QUANTIZABLE if args.nf4 else None)
+    module = CausalLM(family=family, in_init=not args.configure_model, sizes=QUANTIZABLE if args.nf4 else None,
+                      **({"optimizer": None} if method == "galore" else {}))  # GaLore builds its own
     strategy, precision = strategy_and_precision(args.kind, args.nf4)
     trainer = L.Trainer(
         accelerator="cpu", devices=2, strategy=strategy, precision=precision, max_steps=args.max_steps,
         logger=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[RankRecorder(out), PeftCallback(METHODS[method]["make"](family)),
+        callbacks=[RankRecorder(out), PeftCallback(adapter_config(method, family)),
                    ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=4, save_top_k=-1)],
     )
     trainer.fit(module, loader(n=16, batch_size=2), ckpt_path=ckpt_path)
