@@ -169,7 +169,7 @@ def test_pissa_and_olora_start_as_the_base_merge_exactly_and_leave_the_base_unto
     torch.testing.assert_close(model(**batch()).logits, trained, rtol=0, atol=1e-5)
 
 
-def test_pissa_and_olora_refuse_a_quantized_base_by_name():
+def test_a_quantized_base_refuses_pissa_and_olora_by_name_and_takes_trainable_tokens():
     pytest.importorskip("bitsandbytes")
     from test_quantization import NF4, quantized
 
@@ -180,6 +180,13 @@ def test_pissa_and_olora_refuse_a_quantized_base_by_name():
         with pytest.raises(ConfigError, match=f"init_lora_weights='{init}' decomposes the full-precision base"):
             attach(model, config)
     assert LoraConfig(target_modules=["q_proj"]).quantized_base_refusal is None
+    attach(model, LoraConfig(target_modules=["q_proj"], trainable_token_indices=[1, 2]))  # the embedding stays dense
+    perturb(model)
+    delta = model.model.embed_tokens.trainable_tokens_delta.detach().clone()
+    logits = model(input_ids=TOKENS).logits
+    merge_adapter(model)
+    torch.testing.assert_close(model.model.embed_tokens.weight[[1, 2]], delta, rtol=0, atol=0)
+    torch.testing.assert_close(model(input_ids=TOKENS).logits, logits, rtol=0, atol=1e-4)
 
 
 REFUSED = [row for row in LORA_FIELDS if row.status == "refused"]
@@ -251,6 +258,11 @@ def test_trainable_tokens_refusals_name_the_problem(llama):
     with pytest.raises(ConfigError, match="name one nn.Embedding"):
         attach(llama, LoraConfig(**lora("llama", trainable_token_indices={"lm_head": [1]})))
     assert not adapter_layers(llama)
+    t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=96, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2))
+    with pytest.raises(ConfigError, match=r"shared shares its weight with \['encoder.embed_tokens', 'decoder.embed_tokens'\]"):
+        attach(t5, LoraConfig(target_modules=["q"], trainable_token_indices=[1]))
+    assert not adapter_layers(t5)
 
 
 def test_ignored_fields_load_without_a_warning():
@@ -299,3 +311,23 @@ def test_decomposed_inits_keep_their_start_out_of_the_saved_tensors(tmp_path, ll
     save_adapter(llama, tmp_path / "adapter")
     assert {key.rsplit(".", 2)[-2] for key in load_tensors(tmp_path / "adapter")} == {"lora_A", "lora_B"}
     assert all(isinstance(m, LoraLayer) and m.init_A is not None for m in adapter_layers(llama).values())
+
+
+@pytest.mark.parametrize(("family", "fields"), [
+    ("llama", dict(init_lora_weights="pissa", layers_to_transform=[1], trainable_token_indices=[1, 2])),
+    ("qwen2", dict(lora_bias=True)),
+])
+def test_a_lightning_fit_trains_the_new_fields_and_round_trips(tmp_path, family, fields):
+    from lightning_helpers import CausalLM, loader, trainer
+
+    from lightning_peft import PeftCallback
+
+    module = CausalLM(family, optimizer=None)
+    trainer(max_steps=6, callbacks=[PeftCallback(LoraConfig(**lora(family, **fields)), learning_rate=3e-3)]).fit(
+        module, loader(n=4))  # one batch, seen at every step
+    assert module.losses[-1] < module.losses[0]
+    module.model.eval()
+    expected = module.model(input_ids=TOKENS).logits
+    save_adapter(module.model, tmp_path / "adapter")
+    back = load_adapter(make_model(family), tmp_path / "adapter")
+    torch.testing.assert_close(back(input_ids=TOKENS).logits, expected, rtol=0, atol=1e-5)

@@ -33,6 +33,7 @@ def token_layers(model: nn.Module, indices: list[int] | dict[str, list[int]], co
     """The layers that train ``indices`` of ``model``'s input embedding (a list) or of the embeddings a dict names
     (by path or suffix), plus the tied output head's; ``taken`` holds paths other layers of the adapter replace."""
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if isinstance(indices, dict):
         wanted = {}
         for name, rows in indices.items():
@@ -47,13 +48,19 @@ def token_layers(model: nn.Module, indices: list[int] | dict[str, list[int]], co
             raise ConfigError(f"trainable_token_indices: {type(model).__name__} has no nn.Embedding input embedding; "
                               f"name the embedding with a dict, e.g. {{'embed_tokens': [...]}}.")
         wanted = {path: indices}
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     layers: dict[str, AdapterLayer] = {}
     for path, rows in wanted.items():
         if path in taken or any(match_module_name(path, [n]) for n in config.modules_to_save or []):
             raise ConfigError(f"{path} is both in trainable_token_indices and adapted or trained in full "
                               f"(target_modules, modules_to_save); choose one.")
-        layer = layers[path] = TokenLayer(model.get_submodule(path), rows, config)
+        module = model.get_submodule(path)
+        aliases = [p for p, m in model.named_modules(remove_duplicate=False) if p != path and m is not head
+                   and (m is module or isinstance(m, nn.Embedding) and m.weight is module.weight)]
+        if aliases:  # T5's encoder and decoder embed with the weight of `shared`: wrapping one would miss the others
+            raise ConfigError(f"trainable_token_indices: {path} shares its weight with {aliases} in "
+                              f"{type(model).__name__}, and training chosen rows of an embedding shared that way is "
+                              f"not implemented; train it in full with modules_to_save=[{path.rsplit('.', 1)[-1]!r}].")
+        layer = layers[path] = TokenLayer(module, rows, config)
         if head is not None and head is not layer.base_layer and getattr(head, "weight", None) is layer.weight:
             head_path = next(p for p, m in model.named_modules() if m is head)
             if head_path in taken or head_path in wanted:
