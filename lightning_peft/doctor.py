@@ -27,7 +27,7 @@ from lightning_peft.data import IGNORE_INDEX, check_packing, render_chat
 from lightning_peft.errors import ConfigError
 from lightning_peft.methods.base import AdapterConfig
 from lightning_peft.quantization import QuantizationConfig, cpu_4bit_row_length_works, skip_paths
-from lightning_peft.surgery import adapter_layers, count_parameters
+from lightning_peft.surgery import active_config, adapter_layers, count_parameters
 from lightning_peft.targets import match_module_name
 
 Level = Literal["error", "warning"]
@@ -145,7 +145,10 @@ def target_findings(run: Run) -> list[Finding]:
 
 def partial_block_findings(run: Run) -> list[Finding]:
     """Targets that adapt a layer name in some transformer blocks but not in others (a regex or a path that names
-    block numbers): usually a mistake, the adapter then skips most of the depth."""
+    block numbers): usually a mistake, the adapter then skips most of the depth. Not when ``layers_to_transform``
+    says which blocks: that is the plan."""
+    if getattr(active_config(run.model), "layers_to_transform", None) not in (None, []):
+        return []
     by_leaf: dict[str, set[int]] = defaultdict(set)
     for path in adapter_layers(run.model):
         match = re.search(r"\.(\d+)\.(.+)$", path)

@@ -112,3 +112,14 @@ def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     """Put ``module`` at ``path`` in ``model``, adding the attribute when the path is new."""
     parent, _, name = path.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, name, module)
+
+
+def layer_index(path: str, layers_pattern: str | list[str] | None) -> int | None:
+    """The layer a module path belongs to, by HF PEFT's ``layers_to_transform`` rule: the first number that follows
+    a ``layers_pattern`` component (any component when the pattern is empty), or None when there is none."""
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
+    else:
+        match = next((m for p in patterns if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", path))), None)
+    return None if match is None else int(match["idx"])

@@ -20,20 +20,11 @@ from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from lightning_peft.errors import ConfigError, MergeError
+from lightning_peft.methods.peft_fields import WHOLE_FIELDS
 from lightning_peft.quantization import compute_dtype, dense_linear, dequantize, is_quantized
 from lightning_peft.validation import check_field_types, check_module_patterns
 
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
-
-# Keys HF PEFT writes that carry no meaning for us when left at these values.
-_NEUTRAL_KEYS = {"peft_version", "inference_mode", "revision", "auto_mapping", "megatron_core", "qalora_group_size"}
-# Keys HF PEFT writes that change the adapter's math when set: loading such a file would silently be wrong.
-_UNSUPPORTED_WHEN_SET = {
-    "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern", "layer_replication", "lora_bias",
-    "target_parameters", "trainable_token_indices", "use_qalora", "use_bdlora", "alora_invocation_tokens",
-    "loftq_config", "megatron_config", "eva_config", "corda_config", "arrow_config", "kasa_config",
-}
-
 
 def _is_unset(value: Any) -> bool:
     return value is None or value is False or value == {} or value == [] or value == ""
@@ -165,8 +156,9 @@ class AdapterConfig(ABC):
     def from_dict(cls, data: dict[str, Any], source: str = "adapter config") -> AdapterConfig:
         """Build the config of ``data['peft_type']`` from a dict as HF PEFT or we wrote it.
 
-        Keys HF PEFT writes at inert values are accepted; a key that would change the math is refused; any other
-        unknown key is dropped with a warning (what HF PEFT itself does).
+        A field of HF PEFT's ``LoraConfig`` this class lacks is refused by name when set, with the reason
+        ``methods/peft_fields.py`` gives, unless it cannot change the math or is read from the model (then it is
+        ignored); any other unknown key is dropped with a warning (what HF PEFT itself does).
         """
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}.")
@@ -178,13 +170,19 @@ class AdapterConfig(ABC):
                 continue
             if key in names:
                 kwargs[key] = value
-            elif key in _UNSUPPORTED_WHEN_SET and not _is_unset(value):
+                continue
+            row = WHOLE_FIELDS.get(key)
+            if _is_unset(value) or row is not None and (row.status == "ignored" or row.from_model):
+                continue
+            if row is None:
+                dropped.append(key)
+            elif row.status == "refused":
+                raise ConfigError(f"{source}: {key}={value!r} is refused: {row.note}")
+            else:
                 raise ConfigError(
-                    f"{source}: {key}={value!r} is an HF PEFT feature lightning_peft does not implement; "
+                    f"{source}: {key}={value!r} is an HF PEFT feature {target.__name__} does not implement; "
                     f"remove it or train the adapter without it."
                 )
-            elif key not in _NEUTRAL_KEYS and not _is_unset(value) and key not in _UNSUPPORTED_WHEN_SET:
-                dropped.append(key)
         if dropped:
             warnings.warn(f"{source}: ignoring unknown keys {sorted(dropped)}.", stacklevel=2)
         try:

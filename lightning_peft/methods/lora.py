@@ -8,8 +8,19 @@
 
     y = W x + scaling · B (A x),   scaling = lora_alpha / r   (lora_alpha / sqrt(r) with rsLoRA)
 
+    with lora_bias:     y = W x + scaling · (B (A x) + b_B)
+    PiSSA / OLoRA:      y = W x + scaling · (B (A x) - B0 (A0 x)),   A0, B0 = A, B as initialised
+
 For a 4096×4096 projection with r=16, A and B hold 2·16·4096 = 131k numbers against W's 16.8M (0.8%).
 ``B`` starts at zero, so the adapted model starts identical to the base.
+
+PiSSA (Meng et al. 2024) and OLoRA (Büyükakyüz 2024) start A and B from a decomposition of ``W`` (its top-r
+singular vectors; its QR factors) and train them around ``W - scaling · B0 A0``. HF PEFT subtracts that product
+from the base weight in place; here the base stays untouched and the adapter subtracts it (two more rank-r
+products), so removing the adapter restores the base exactly and a quantized layer is never rewritten. Files are
+HF PEFT's: they hold A and B and say ``init_lora_weights="pissa"``, and every loader (PEFT and this package)
+derives A0 and B0 again from the base, deterministically. A serving stack that reads plain LoRA files needs the
+merged model (``lightning-peft merge``).
 """
 
 from __future__ import annotations
@@ -23,9 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_peft.errors import ConfigError
+from lightning_peft.errors import ConfigError, MergeError, TargetModulesError
 from lightning_peft.methods.base import AdapterConfig, AdapterLayer, WrappingLayer
-from lightning_peft.targets import find_targets
+from lightning_peft.methods.lora_tokens import token_layers
+from lightning_peft.methods.peft_fields import value_row
+from lightning_peft.quantization import is_quantized
+from lightning_peft.targets import find_targets, layer_index, model_type
 from lightning_peft.validation import check_module_patterns
 
 # What HF PEFT targets when target_modules is not given, for the families we test.
@@ -37,6 +51,9 @@ DEFAULT_TARGETS = {
     "bert": ["query", "value"],
     "distilbert": ["q_lin", "v_lin"],
 }
+INITS = (True, False, "gaussian", "pissa", "olora")
+DECOMPOSED = ("pissa", "olora")
+"""Initialisations that derive A and B from the base weight."""
 
 
 @dataclasses.dataclass
@@ -62,15 +79,31 @@ class LoraConfig(AdapterConfig):
     head). ``None`` uses HF PEFT's default for the model family (e.g. ``q_proj``, ``v_proj`` for Llama)."""
     exclude_modules: list[str] | str | None = None
     """Modules never adapted, with the same matching rules as ``target_modules``."""
+    layers_to_transform: list[int] | int | None = None
+    """Adapt only the targets in the layers with these indices (HF PEFT's rule: the first number in the module
+    path after a module-list name); needs a list ``target_modules``. An entry naming a module's full path keeps it
+    whatever its layer."""
+    layers_pattern: list[str] | str | None = None
+    """The name(s) of the module list whose index ``layers_to_transform`` reads (``"layers"``, ``"h"``); by
+    default the first numbered path component."""
     bias: Literal["none", "all", "lora_only"] = "none"
     """Which biases train and are saved with the adapter: none, every bias, or those of the adapted layers."""
-    init_lora_weights: bool | Literal["gaussian"] = True
+    init_lora_weights: bool | Literal["gaussian", "pissa", "olora"] = True
     """``True``: Kaiming-uniform A, zero B (no-op start). ``"gaussian"``: normal A with std 1/r, zero B.
-    ``False``: random B too, so the adapter changes outputs from the start (useful only for tests)."""
+    ``False``: random B too, so the adapter changes outputs from the start (useful only for tests). ``"pissa"``:
+    A and B from the top-r singular vectors of W; ``"olora"``: from its QR factors. Both start as the base, need
+    a full-precision base and load in HF PEFT. Other HF PEFT values are refused by name."""
     use_rslora: bool = False
     """Rank-stabilised scaling ``lora_alpha / sqrt(r)``, which keeps high ranks learning (Kalajdzievski 2023)."""
     use_dora: bool = False
     """DoRA (``methods/dora.py``): a trainable magnitude per output row, LoRA on the direction; mergeable."""
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    """Token ids whose rows of the input embedding train too (new tokens' embeddings), e.g. ``[32000, 32001]``; a
+    dict names the embedding module: ``{"embed_tokens": [...]}``. A tied output head uses the trained rows too.
+    Saved as HF PEFT saves them (``methods/lora_tokens.py``)."""
+    lora_bias: bool = False
+    """A trained bias on B, scaled like the update (HF PEFT's, for adapters extracted from full fine-tunes); it
+    merges into the base layer's bias, so merging needs targets that have one."""
     loraplus_lr_ratio: float | None = None
     """LoRA+ (Hayou et al. 2024): the B matrices train at ``loraplus_lr_ratio`` times the learning rate of A
     (e.g. 16), in their own optimizer param groups, whatever optimizer is configured. HF PEFT's LoraConfig has
@@ -80,6 +113,9 @@ class LoraConfig(AdapterConfig):
     written for HF PEFT, which needs it set for such layers."""
 
     def __post_init__(self) -> None:
+        row = value_row("init_lora_weights", self.init_lora_weights)
+        if row is not None and row.status == "refused":
+            raise ConfigError(row.note)
         super().__post_init__()
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ConfigError(f"r must be a positive integer, got {self.r!r}.")
@@ -89,10 +125,17 @@ class LoraConfig(AdapterConfig):
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
         if self.bias not in ("none", "all", "lora_only"):
             raise ConfigError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}.")
-        if self.init_lora_weights not in (True, False, "gaussian"):
-            raise ConfigError(f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}.")
+        if self.init_lora_weights not in INITS:
+            raise ConfigError(f"init_lora_weights must be one of {INITS}, got {self.init_lora_weights!r}.")
         if not isinstance(self.use_dora, bool):
             raise ConfigError(f"use_dora must be True or False, got {self.use_dora!r}.")
+        if self.use_dora and (self.lora_bias or self.init_lora_weights in DECOMPOSED):
+            raise ConfigError(f"use_dora=True is not implemented with lora_bias=True or init_lora_weights="
+                              f"{self.init_lora_weights!r} (HF PEFT refuses DoRA with lora_bias too); drop one.")
+        if self.lora_bias and self.init_lora_weights not in (True, False):
+            raise ConfigError(f"lora_bias=True needs init_lora_weights True or False (as in HF PEFT), got "
+                              f"{self.init_lora_weights!r}.")
+        self._check_layers()
         ratio = self.loraplus_lr_ratio
         if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio <= 0):
             raise ConfigError(f"loraplus_lr_ratio must be a positive number (e.g. 16) or None, got {ratio!r}.")
@@ -101,15 +144,65 @@ class LoraConfig(AdapterConfig):
         if isinstance(self.target_modules, (tuple, set)):
             self.target_modules = sorted(self.target_modules)
 
-    def build_layers(self, model: nn.Module) -> dict[str, LoraLayer]:
-        layer = next((cls for flag, cls in LAYER_VARIANTS.items() if getattr(self, flag)), LoraLayer)
+    def _check_layers(self) -> None:
+        if self.layers_to_transform is not None and isinstance(self.target_modules, str):
+            raise ConfigError(f"layers_to_transform needs target_modules as a list of names (as in HF PEFT), got "
+                              f"target_modules={self.target_modules!r}: name the modules, or write the layer "
+                              f"indices into the regex.")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ConfigError("layers_pattern is set without layers_to_transform: give the layer indices too.")
+        indices = [self.layers_to_transform] if isinstance(self.layers_to_transform, int) else self.layers_to_transform
+        if any(i < 0 for i in indices or []):
+            raise ConfigError(f"layers_to_transform must hold layer indices >= 0, got {self.layers_to_transform!r}.")
+        check_module_patterns("layers_pattern", self.layers_pattern)
+        for pattern in [self.layers_pattern] if isinstance(self.layers_pattern, str) else self.layers_pattern or []:
+            check_module_patterns("layers_pattern", pattern)
+
+    @property
+    def quantized_base_refusal(self) -> str | None:  # a property here: it depends on init_lora_weights
+        if self.init_lora_weights in DECOMPOSED:
+            return (f"init_lora_weights={self.init_lora_weights!r} decomposes the full-precision base weight (as HF "
+                    f"PEFT, which refuses it on a quantized base too): train it on an unquantized base, or use "
+                    f"init_lora_weights=True.")
+        return None
+
+    def build_layers(self, model: nn.Module) -> dict[str, AdapterLayer]:
+        layer = self.layer_type()
+        layers: dict[str, AdapterLayer] = {p: layer(module, self) for p, module in self.select_targets(model).items()}
+        if self.trainable_token_indices is not None:
+            layers.update(token_layers(model, self.trainable_token_indices, self, set(layers)))
+        return layers
+
+    def layer_type(self) -> type[LoraLayer]:
+        """The layer wrapped around each target: LoRA, or the variant a flag selects (``use_dora``)."""
+        return next((cls for flag, cls in LAYER_VARIANTS.items() if getattr(self, flag)), LoraLayer)
+
+    def select_targets(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The layers this config adapts: ``find_targets``' rule, then HF PEFT's ``layers_to_transform``."""
         selected = find_targets(model, self.target_modules, self.exclude_modules, DEFAULT_TARGETS, type(self).__name__)
-        return {path: layer(module, self) for path, module in selected.items()}
+        if self.init_lora_weights in DECOMPOSED:
+            held = [p for p, m in selected.items() if is_quantized(m) or m.weight.device.type == "meta"]
+            if held:
+                raise ConfigError(f"{held[0]} is quantized or holds no weights yet. {self.quantized_base_refusal}")
+        wanted = self.layers_to_transform
+        if wanted is None or wanted == []:
+            return selected
+        wanted = {wanted} if isinstance(wanted, int) else set(wanted)
+        names = self.target_modules if self.target_modules is not None else DEFAULT_TARGETS.get(model_type(model), [])
+        kept = {p: m for p, m in selected.items() if p in names or layer_index(p, self.layers_pattern) in wanted}
+        if not kept:
+            found = sorted({i for p in selected if (i := layer_index(p, self.layers_pattern)) is not None})
+            raise TargetModulesError(
+                f"layers_to_transform={self.layers_to_transform!r} (layers_pattern={self.layers_pattern!r}) keeps none "
+                f"of the {len(selected)} modules target_modules selects; their layer indices are {found}."
+            )
+        return kept
 
     def lr_ratios(self, model: nn.Module) -> list[tuple[nn.Parameter, float]]:
         if self.loraplus_lr_ratio is None:
             return []
-        return [(m.lora_B, float(self.loraplus_lr_ratio)) for m in model.modules() if isinstance(m, LoraLayer)]
+        return [(param, float(self.loraplus_lr_ratio)) for m in model.modules() if isinstance(m, LoraLayer)
+                for param in (m.lora_B, m.lora_B_bias) if param is not None]
 
     def trainable_base_parameters(self, model: nn.Module, layers: dict[str, AdapterLayer]) -> list[str]:
         if self.bias == "all":
@@ -122,12 +215,15 @@ class LoraConfig(AdapterConfig):
 class LoraLayer(WrappingLayer):
     """LoRA around one linear layer (``nn.Linear``, GPT-2's ``Conv1D``, or a quantized linear).
 
-    Owns ``lora_A`` (r × in) and ``lora_B`` (out × r) as plain parameters, so a pass that swaps linear layers
-    never mistakes them for model layers. The base layer is kept as ``base_layer`` and called unchanged.
+    Owns ``lora_A`` (r × in), ``lora_B`` (out × r) and, with ``lora_bias``, ``lora_B_bias`` (out) as plain
+    parameters, so a pass that swaps linear layers never mistakes them for model layers. The base layer is kept as
+    ``base_layer`` and called unchanged. PiSSA and OLoRA keep the initial A and B as buffers ``init_A``, ``init_B``
+    (not saved: every load derives them again from the base).
     """
 
-    adapter_parameter_names: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B")
-    disk_names: ClassVar[dict[str, str]] = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+    adapter_parameter_names: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B", "lora_B_bias")
+    disk_names: ClassVar[dict[str, str]] = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight",
+                                            "lora_B_bias": "lora_B.bias"}
     method_name: ClassVar[str] = "LoRA"
 
     def __init__(self, base_layer: nn.Module, config: LoraConfig) -> None:
@@ -136,6 +232,11 @@ class LoraLayer(WrappingLayer):
         self.scaling = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
         self.lora_A = nn.Parameter(torch.empty(config.r, self.in_features, **self.factory))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, config.r, **self.factory))
+        self.register_parameter("lora_B_bias", nn.Parameter(torch.zeros(self.out_features, **self.factory))
+                                if config.lora_bias else None)
+        decomposed = config.init_lora_weights in DECOMPOSED
+        self.register_buffer("init_A", torch.empty_like(self.lora_A) if decomposed else None, persistent=False)
+        self.register_buffer("init_B", torch.empty_like(self.lora_B) if decomposed else None, persistent=False)
         self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else None
         if self.materialized:
             self.reset_parameters()
@@ -143,6 +244,9 @@ class LoraLayer(WrappingLayer):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         init = self.config.init_lora_weights
+        if init in DECOMPOSED:
+            self._decompose_base(init)
+            return
         if init == "gaussian":
             nn.init.normal_(self.lora_A, std=1 / self.r)
         else:
@@ -152,6 +256,25 @@ class LoraLayer(WrappingLayer):
         else:
             nn.init.zeros_(self.lora_B)
 
+    def _decompose_base(self, init: str) -> None:
+        """A and B from W (out × in, float32) as HF PEFT computes them, so its loader derives the same A0, B0.
+
+        PiSSA: W = V S Uᵀ; B = V_r √(S_r/s), A = √(S_r/s) U_rᵀ, so s·B A is W's best rank-r approximation.
+        OLoRA: W = Q R; B = Q_r, A = R_r (first r columns / rows).
+        """
+        weight = self.dense_weight().float()
+        if init == "pissa":
+            v, s, uh = torch.linalg.svd(weight, full_matrices=False)
+            root = torch.diag(torch.sqrt(s[: self.r] / self.scaling))
+            lora_A, lora_B = root @ uh[: self.r], v[:, : self.r] @ root
+        else:
+            q, r = torch.linalg.qr(weight)
+            lora_A, lora_B = r[: self.r], q[:, : self.r]
+        self.lora_A.copy_(lora_A)
+        self.lora_B.copy_(lora_B)
+        self.init_A.copy_(self.lora_A)
+        self.init_B.copy_(self.lora_B)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         if self.merged:
@@ -159,16 +282,38 @@ class LoraLayer(WrappingLayer):
         h = x if self.lora_dropout is None else self.lora_dropout(x)
         dtype = self.compute_dtype(x)  # float32 parameters, compute in the activations' dtype
         down = F.linear(h.to(dtype), self.lora_A.to(dtype))  # (..., r): the cheap side of the product
+        up = self.lora_B.to(dtype)
+        if self.init_A is not None:  # PiSSA/OLoRA: take out the base's share B0 A0 (of the undropped input, as in W)
+            down = torch.cat([down, F.linear(x.to(dtype), self.init_A.to(dtype))], dim=-1)
+            up = torch.cat([up, -self.init_B.to(dtype)], dim=1)
+        bias = None if self.lora_B_bias is None else self.lora_B_bias.to(dtype)
         if result.dtype != down.dtype:
-            return result + F.linear(down * self.scaling, self.lora_B.to(dtype)).to(result.dtype)
+            return result + (F.linear(down, up, bias) * self.scaling).to(result.dtype)
         # One GEMM adds scaling · down @ B^T onto the base output: no full-size temporaries.
-        flat = torch.addmm(result.reshape(-1, self.out_features), down.reshape(-1, self.r), self.lora_B.to(dtype).t(),
+        flat = torch.addmm(result.reshape(-1, self.out_features), down.reshape(-1, down.shape[-1]), up.t(),
                            alpha=self.scaling)
+        if bias is not None:
+            flat = flat + self.scaling * bias
         return flat.view(result.shape)
 
     def delta_weight(self) -> torch.Tensor:
-        """``scaling · B A`` as an (out, in) fp32 tensor."""
-        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+        """``scaling · (B A - B0 A0)`` as an (out, in) fp32 tensor (B0 A0 only for PiSSA/OLoRA)."""
+        delta = self.lora_B.float() @ self.lora_A.float()
+        if self.init_A is not None:
+            delta = delta - self.init_B.float() @ self.init_A.float()
+        return delta * self.scaling
+
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.lora_B_bias is not None and self.base_layer.bias is None:
+            raise MergeError(f"Cannot merge LoRA with lora_bias=True into {type(self.base_layer).__name__} without a "
+                             f"bias (as in HF PEFT): its bias has nowhere to go. Serve the model with the adapter.")
+        return super().merged_weight(weight)
+
+    def merged_bias(self, bias: torch.Tensor) -> torch.Tensor:
+        return bias if self.lora_B_bias is None else bias + self.scaling * self.lora_B_bias.float()
+
+    def unmerged_bias(self, bias: torch.Tensor) -> torch.Tensor:
+        return bias if self.lora_B_bias is None else bias - self.scaling * self.lora_B_bias.float()
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}, merged={self.merged}"

@@ -20,11 +20,8 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from torch import nn
-
 from lightning_peft.errors import ConfigError
-from lightning_peft.methods.lora import DEFAULT_TARGETS, LoraConfig, LoraLayer
-from lightning_peft.targets import find_targets
+from lightning_peft.methods.lora import LoraConfig, LoraLayer
 
 
 @dataclasses.dataclass
@@ -44,9 +41,8 @@ class LoraFaConfig(LoraConfig):
         if self.use_dora:
             raise ConfigError("LoraFaConfig does not support use_dora=True; use LoraConfig(use_dora=True) for DoRA.")
 
-    def build_layers(self, model: nn.Module) -> dict[str, LoraFaLayer]:
-        selected = find_targets(model, self.target_modules, self.exclude_modules, DEFAULT_TARGETS, "LoraFaConfig")
-        return {path: LoraFaLayer(module, self) for path, module in selected.items()}
+    def layer_type(self) -> type[LoraFaLayer]:
+        return LoraFaLayer
 
 
 class LoraFaLayer(LoraLayer):
