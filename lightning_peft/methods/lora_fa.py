@@ -23,8 +23,8 @@ from typing import ClassVar
 from torch import nn
 
 from lightning_peft.errors import ConfigError
-from lightning_peft.methods.lora import DEFAULT_TARGETS, LoraConfig, LoraLayer
-from lightning_peft.targets import find_targets
+from lightning_peft.methods.base import AdapterLayer
+from lightning_peft.methods.lora import LoraConfig, LoraLayer
 
 
 @dataclasses.dataclass
@@ -38,15 +38,15 @@ class LoraFaConfig(LoraConfig):
 
     peft_type: ClassVar[str] = "LORA_FA"
     known_to_hf_peft: ClassVar[bool] = False
+    adapts_parameters: ClassVar[bool] = False  # target_parameters refused: only linear layers get a frozen A
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.use_dora:
             raise ConfigError("LoraFaConfig does not support use_dora=True; use LoraConfig(use_dora=True) for DoRA.")
 
-    def build_layers(self, model: nn.Module) -> dict[str, LoraFaLayer]:
-        selected = find_targets(model, self.target_modules, self.exclude_modules, DEFAULT_TARGETS, "LoraFaConfig")
-        return {path: LoraFaLayer(module, self) for path, module in selected.items()}
+    def build_layers(self, model: nn.Module) -> dict[str, AdapterLayer]:
+        return self.build_lora_layers(model, LoraFaLayer)
 
 
 class LoraFaLayer(LoraLayer):
