@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 import transformers
+from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 
 from conftest import VOCAB, batch, make_model
@@ -98,6 +99,44 @@ def test_hf_peft_loads_our_moe_adapter_with_identical_logits(tmp_path, family):
     assert warned == peft_warnings(lambda: peft.PeftModel.from_pretrained(moe_model(family), tmp_path / "theirs"))
 
 
+def test_experts_stored_in_out_interoperate_with_hf_peft(tmp_path):
+    """GPT-OSS stores each expert as (in, out) (its experts module says ``is_transposed``): files go both ways."""
+    def gpt_oss():
+        torch.manual_seed(0)
+        config = transformers.GptOssConfig(vocab_size=VOCAB, pad_token_id=0, hidden_size=32, intermediate_size=32,
+                                           num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                           head_dim=16, num_local_experts=4, num_experts_per_tok=2)
+        model = transformers.AutoModelForCausalLM.from_config(config).eval()
+        with torch.no_grad():  # its init leaves the experts at zero, where a wrong layout would go unnoticed
+            for name, param in model.named_parameters():
+                if ".experts." in name:
+                    param.normal_(0, 0.05)
+        return model
+
+    assert gpt_oss().model.layers[0].mlp.experts.is_transposed
+    kwargs = dict(EXPERTS, rank_pattern={"down_proj": 2})
+    theirs = peft.get_peft_model(gpt_oss(), peft.LoraConfig(**kwargs))
+    theirs.save_pretrained(tmp_path / "theirs")
+    torch.testing.assert_close(load_adapter(gpt_oss(), tmp_path / "theirs")(**batch()).logits,
+                               theirs(**batch()).logits, rtol=0, atol=0)
+    model = gpt_oss()
+    attach(model, LoraConfig(**kwargs))
+    save_adapter(model, tmp_path / "ours")
+    loaded = peft.PeftModel.from_pretrained(gpt_oss(), tmp_path / "ours")
+    torch.testing.assert_close(loaded(**batch()).logits, model(**batch()).logits, rtol=0, atol=0)
+
+
+def test_a_bfloat16_base_keeps_float32_expert_adapters_that_train():
+    model = moe_model("mixtral").to(torch.bfloat16)
+    attach(model, LoraConfig(**EXPERTS))
+    experts = adapter_layers(model)["model.layers.0.mlp.experts"]
+    assert {p.dtype for p in experts.adapter_parameters().values()} == {torch.float32}
+    logits = model(**batch()).logits
+    assert logits.dtype == torch.bfloat16
+    logits.float().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in experts.lora_A.values())
+
+
 def test_hf_peft_loads_explicit_target_parameters_without_a_warning(tmp_path):
     model = moe_model("mixtral")
     attach(model, LoraConfig(**EXPERTS))
@@ -167,16 +206,29 @@ def _repeated(steps: int):
 def test_experts_train_under_peft_callback_and_round_trip(tmp_path, family):
     module = CausalLM(in_init=False, lr=1e-2)
     module.model = moe_model(family).train()
-    trainer(callbacks=[PeftCallback(LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))],
-            max_steps=3).fit(module, _repeated(3))
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="last")
+    trainer(callbacks=[PeftCallback(LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")), checkpoint],
+            enable_checkpointing=True, max_steps=3).fit(module, _repeated(3))
     assert module.losses[-1] < module.losses[0], module.losses
     experts = adapter_layers(module.model)["model.layers.0.mlp.experts"]
     assert experts.lora_B["down_proj"].abs().sum() > 0  # B starts at zero: the experts' adapter trained
     assert all(p.requires_grad for p in experts.lora_A.values())
     module.model.eval()
-    save_adapter(module.model, tmp_path)
-    reloaded = load_adapter(moe_model(family), tmp_path)
-    torch.testing.assert_close(reloaded(**batch()).logits, module.model(**batch()).logits, rtol=0, atol=0)
+    expected = module.model(**batch()).logits
+    save_adapter(module.model, tmp_path / "adapter")
+    for path in (tmp_path / "adapter", tmp_path / "last.ckpt"):  # the adapter directory and the Lightning checkpoint
+        reloaded = load_adapter(moe_model(family), path)
+        torch.testing.assert_close(reloaded(**batch()).logits, expected, rtol=0, atol=0)
+
+
+def test_loraplus_speeds_up_the_experts_b_matrices_too():
+    model = moe_model("mixtral")
+    config = LoraConfig(target_modules="all-linear", loraplus_lr_ratio=16)
+    attach(model, config)
+    boosted = {id(p) for p, ratio in active_config(model).lr_ratios(model) if ratio == 16}
+    experts = adapter_layers(model)["model.layers.0.mlp.experts"]
+    assert {id(p) for p in experts.lora_B.values()} <= boosted
+    assert not {id(p) for p in experts.lora_A.values()} & boosted
 
 
 def test_qlora_on_the_attention_with_adapters_on_the_experts():
