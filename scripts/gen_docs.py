@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import inspect
 import io
 import os
@@ -72,11 +73,14 @@ def class_reference(cls: type, fallback: dict[str, str]) -> list[str]:
     lines = [f"### `lightning_peft.{cls.__name__}`", "", summary, "",
              "| parameter | type | default | description |", "| --- | --- | --- | --- |"]
     described = {**fallback, **descriptions(cls)}
+    factories = {f.name: f.default_factory for f in dataclasses.fields(cls)
+                 if f.default_factory is not dataclasses.MISSING} if dataclasses.is_dataclass(cls) else {}
     for name, param in inspect.signature(cls).parameters.items():
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             continue
         annotation = param.annotation if isinstance(param.annotation, str) else inspect.formatannotation(param.annotation)
-        default = "required" if param.default is param.empty else f"`{param.default!r}`"
+        value = factories[name]() if name in factories else param.default  # a dataclass default_factory: its value
+        default = "required" if param.default is param.empty else f"`{value!r}`"
         text = described.get(name, "").replace("|", "\\|")
         lines.append(f"| `{name}` | `{annotation.replace('|', chr(92) + '|')}` | {default} | {text} |")
     if any(p.kind == p.VAR_KEYWORD for p in inspect.signature(cls).parameters.values()):

@@ -125,7 +125,7 @@ def test_corrupt_weights_file_is_named(saved, damage):
      ('{"peft_type": "MAGIC"}', ConfigError, "MAGIC"),
      ('{"r": 4}', ConfigError, "peft_type=None"),
      ('{"peft_type": "LORA", "r": "four"}', ConfigError, "r='four' is not of type int"),
-     ('{"peft_type": "LORA", "r": 4, "rank_pattern": {"q_proj": 8}}', ConfigError, "rank_pattern")],
+     ('{"peft_type": "LORA", "r": 4, "layer_replication": [[0, 2]]}', ConfigError, "layer_replication")],
 )
 def test_bad_config_file_is_named(saved, content, error, match):
     path, _ = saved

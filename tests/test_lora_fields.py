@@ -23,7 +23,6 @@ from lightning_peft.methods.peft_fields import LORA_FIELDS
 from lightning_peft.surgery import adapter_layers, attach, detach
 
 ROOT = Path(__file__).resolve().parents[1]
-MOE_TESTS = ROOT / "tests" / "test_moe.py"  # rank_pattern, alpha_pattern and target_parameters are tested there
 
 
 def lora(family: str, **fields) -> dict:
@@ -293,15 +292,12 @@ def test_every_field_of_the_installed_peft_lora_config_is_classified():
 def test_honoured_fields_are_fields_of_our_config():
     ours = {field.name for field in dataclasses.fields(LoraConfig)} | {"peft_type"}
     missing = {row.name for row in LORA_FIELDS if row.status == "honoured"} - ours
-    moe = {row.name for row in LORA_FIELDS if row.test == "tests/test_moe.py"}
-    assert not missing - moe and not (missing and MOE_TESTS.exists()), missing
+    assert not missing, missing
 
 
 def test_every_row_names_a_test_that_exists():
     for row in LORA_FIELDS:
         path, _, name = row.test.partition("::")
-        if path == "tests/test_moe.py" and not MOE_TESTS.exists():
-            continue
         text = (ROOT / path).read_text()
         assert not name or re.search(rf"^def {name}\(", text, re.M), row.test
 

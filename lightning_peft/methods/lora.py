@@ -27,15 +27,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable
 from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PreTrainedModel
 
 from lightning_peft.errors import ConfigError, MergeError, TargetModulesError
 from lightning_peft.methods.base import AdapterConfig, AdapterLayer, WrappingLayer
+from lightning_peft.methods.lora_parameters import ParameterLoraLayer, find_parameters, moe_all_linear
 from lightning_peft.methods.lora_tokens import token_layers
 from lightning_peft.methods.peft_fields import value_row
 from lightning_peft.quantization import is_quantized
@@ -50,6 +53,7 @@ DEFAULT_TARGETS = {
     "gpt2": ["c_attn"],
     "bert": ["query", "value"],
     "distilbert": ["q_lin", "v_lin"],
+    "mixtral": ["q_proj", "v_proj"],
 }
 INITS = (True, False, "gaussian", "pissa", "olora")
 DECOMPOSED = ("pissa", "olora")
@@ -67,11 +71,19 @@ class LoraConfig(AdapterConfig):
 
     peft_type: ClassVar[str] = "LORA"
     own_fields: ClassVar[tuple[str, ...]] = (*AdapterConfig.own_fields, "loraplus_lr_ratio")
+    adapts_parameters: ClassVar[bool] = True
+    """Whether the method honours ``target_parameters`` (and so adapts fused MoE experts under ``"all-linear"``)."""
 
     r: int = 8
     """Rank of the update; the adapter has ``r * (in + out)`` parameters per targeted layer."""
     lora_alpha: float = 8
     """Numerator of the scaling; keep ``lora_alpha / r`` fixed when changing ``r`` to keep the learning rate."""
+    rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Ranks other than ``r`` by target: a key is a regex matched against the end of a module path (or of a
+    parameter's name for ``target_parameters``), as HF PEFT matches it: ``{"q_proj": 16, "layers.0.mlp.down_proj": 4}``.
+    The first key (in order) that matches wins."""
+    alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
+    """``lora_alpha`` other than the default by target, matched like ``rank_pattern``."""
     lora_dropout: float = 0.0
     """Dropout on the adapter's input only; 0 costs nothing."""
     target_modules: list[str] | str | None = None
@@ -86,6 +98,12 @@ class LoraConfig(AdapterConfig):
     layers_pattern: list[str] | str | None = None
     """The name(s) of the module list whose index ``layers_to_transform`` reads (``"layers"``, ``"h"``); by
     default the first numbered path component."""
+    target_parameters: list[str] | None = None
+    """Parameters adapted directly, by full name or its last components (``["experts.gate_up_proj",
+    "experts.down_proj"]``): the fused 3-D expert weights of MoE models (one low-rank update per expert) or any 2-D
+    weight no linear layer owns (``"gate.weight"``, a router). ``target_modules=[]`` adapts these only; ``None``
+    takes the family default besides, as in HF PEFT. ``"all-linear"`` on an MoE family whose experts are fused
+    (Mixtral, Qwen3-MoE, OLMoE...) fills this in itself. No ``lora_dropout`` or ``use_dora`` on these."""
     bias: Literal["none", "all", "lora_only"] = "none"
     """Which biases train and are saved with the adapter: none, every bias, or those of the adapted layers."""
     init_lora_weights: bool | Literal["gaussian", "pissa", "olora"] = True
@@ -143,6 +161,53 @@ class LoraConfig(AdapterConfig):
         check_module_patterns("exclude_modules", self.exclude_modules)
         if isinstance(self.target_modules, (tuple, set)):
             self.target_modules = sorted(self.target_modules)
+        check_parameter_fields(self)
+
+    def fill_from_model(self, model: PreTrainedModel) -> LoraConfig:
+        """``"all-linear"`` on an MoE family with fused experts becomes HF PEFT's explicit targets for it (the files
+        then record what was adapted, as PEFT's do)."""
+        if self.target_modules != "all-linear" or not self.adapts_parameters:
+            return self
+        fields = moe_all_linear(model, self.r, self.lora_alpha)
+        if fields is None:
+            return self
+        if self.lora_dropout or self.use_dora:
+            raise ConfigError(
+                f"target_modules='all-linear' on {type(model).__name__} adapts its fused experts as parameters, "
+                f"which take no {'use_dora' if self.use_dora else 'lora_dropout'}: set "
+                f"{'use_dora=False' if self.use_dora else 'lora_dropout=0'}, or list target_modules (e.g. "
+                f"{fields['target_modules']}) to adapt the linear layers only.")
+        return dataclasses.replace(
+            self, target_modules=fields["target_modules"],
+            target_parameters=sorted({*(self.target_parameters or []), *fields["target_parameters"]}),
+            rank_pattern={**self.rank_pattern, **fields["rank_pattern"]},
+            alpha_pattern={**self.alpha_pattern, **fields["alpha_pattern"]})
+
+    def rank_and_alpha(self, key: str) -> tuple[int, float]:
+        """The rank and alpha of the target at ``key`` (a module path or a parameter's name): the first matching
+        ``rank_pattern`` / ``alpha_pattern`` key, else ``r`` / ``lora_alpha``."""
+        return _pattern_value(self.rank_pattern, key, self.r), _pattern_value(self.alpha_pattern, key, self.lora_alpha)
+
+    def build_layers(self, model: nn.Module) -> dict[str, AdapterLayer]:
+        """``layer_type()`` around every targeted linear layer (with its rank and alpha from the patterns), a
+        ``ParameterLoraLayer`` around every module owning a targeted parameter, and the trainable-token layers."""
+        layer = self.layer_type()
+        only_parameters = self.target_parameters and (
+            self.target_modules == [] or (self.target_modules is None and model_type(model) not in DEFAULT_TARGETS))
+        selected = {} if only_parameters else self.select_targets(model)
+        layers: dict[str, AdapterLayer] = {p: layer(module, self._for_path(p)) for p, module in selected.items()}
+        if self.target_parameters:
+            for path, names in find_parameters(model, self.target_parameters, selected).items():
+                ranks = {name: self.rank_and_alpha(f"{path}.{name}") for name in names}
+                layers[path] = ParameterLoraLayer(model.get_submodule(path), ranks, self, self.use_rslora)
+        if self.trainable_token_indices is not None:
+            layers.update(token_layers(model, self.trainable_token_indices, self, set(layers)))
+        return layers
+
+    def _for_path(self, path: str) -> LoraConfig:
+        """This config with the rank and alpha of the target at ``path`` (what its layer is built from)."""
+        r, alpha = self.rank_and_alpha(path)
+        return self if (r, alpha) == (self.r, self.lora_alpha) else dataclasses.replace(self, r=r, lora_alpha=alpha)
 
     def _check_layers(self) -> None:
         if self.layers_to_transform is not None and isinstance(self.target_modules, str):
@@ -165,13 +230,6 @@ class LoraConfig(AdapterConfig):
                     f"PEFT, which refuses it on a quantized base too): train it on an unquantized base, or use "
                     f"init_lora_weights=True.")
         return None
-
-    def build_layers(self, model: nn.Module) -> dict[str, AdapterLayer]:
-        layer = self.layer_type()
-        layers: dict[str, AdapterLayer] = {p: layer(module, self) for p, module in self.select_targets(model).items()}
-        if self.trainable_token_indices is not None:
-            layers.update(token_layers(model, self.trainable_token_indices, self, set(layers)))
-        return layers
 
     def layer_type(self) -> type[LoraLayer]:
         """The layer wrapped around each target: LoRA, or the variant a flag selects (``use_dora``)."""
@@ -201,14 +259,17 @@ class LoraConfig(AdapterConfig):
     def lr_ratios(self, model: nn.Module) -> list[tuple[nn.Parameter, float]]:
         if self.loraplus_lr_ratio is None:
             return []
-        return [(param, float(self.loraplus_lr_ratio)) for m in model.modules() if isinstance(m, LoraLayer)
-                for param in (m.lora_B, m.lora_B_bias) if param is not None]
+        ratio = float(self.loraplus_lr_ratio)
+        return [(param, ratio) for m in model.modules() if isinstance(m, LoraLayer)
+                for param in (m.lora_B, m.lora_B_bias) if param is not None] + [
+            (b, ratio) for m in model.modules() if isinstance(m, ParameterLoraLayer) for b in m.lora_B.values()]
 
     def trainable_base_parameters(self, model: nn.Module, layers: dict[str, AdapterLayer]) -> list[str]:
         if self.bias == "all":
             return [name for name, _ in model.named_parameters() if name.rpartition(".")[2] == "bias"]
         if self.bias == "lora_only":
-            return [f"{path}.base_layer.bias" for path, layer in layers.items() if layer.base_layer.bias is not None]
+            return [f"{path}.base_layer.bias" for path, layer in layers.items()
+                    if isinstance(layer, LoraLayer) and layer.base_layer.bias is not None]
         return []
 
 
@@ -330,3 +391,31 @@ def lora_variant(flag: str) -> Callable[[type[LoraLayer]], type[LoraLayer]]:
         LAYER_VARIANTS[flag] = cls
         return cls
     return register
+
+
+def _pattern_value(patterns: dict[str, float], key: str, default: float) -> float:
+    """HF PEFT's rule: the value of the first pattern that matches the end of ``key`` at a ``.`` boundary."""
+    return next((value for pattern, value in patterns.items() if re.match(rf"(.*\.)?({pattern})$", key)), default)
+
+
+def check_parameter_fields(config: LoraConfig) -> None:
+    """Refuse bad ``rank_pattern``, ``alpha_pattern`` or ``target_parameters`` values, naming the field."""
+    for field, kind in (("rank_pattern", int), ("alpha_pattern", float)):
+        for pattern, value in getattr(config, field).items():
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ConfigError(f"{field} key {pattern!r} is not a valid regular expression: {err}.") from None
+            if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or value <= 0:
+                raise ConfigError(f"{field}[{pattern!r}] must be a positive {kind.__name__}, got {value!r}.")
+    targets = config.target_parameters
+    if targets is None:
+        return
+    if not all(isinstance(t, str) and t for t in targets):
+        raise ConfigError(f"target_parameters must be a list of parameter names, got {targets!r}.")
+    config.target_parameters = sorted(targets) if isinstance(targets, (set, tuple)) else list(targets)
+    if config.lora_dropout or config.use_dora or not config.adapts_parameters:
+        what = ("lora_dropout (the update is folded into the weight, so it never sees a dropped input)"
+                if config.lora_dropout else "use_dora" if config.use_dora else type(config).__name__)
+        raise ConfigError(f"target_parameters cannot be combined with {what}; adapt these parameters with plain "
+                          f"LoraConfig(lora_dropout=0) or leave target_parameters unset.")

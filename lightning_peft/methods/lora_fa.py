@@ -35,6 +35,7 @@ class LoraFaConfig(LoraConfig):
 
     peft_type: ClassVar[str] = "LORA_FA"
     known_to_hf_peft: ClassVar[bool] = False
+    adapts_parameters: ClassVar[bool] = False  # target_parameters refused: only linear layers get a frozen A
 
     def __post_init__(self) -> None:
         super().__post_init__()
