@@ -518,7 +518,7 @@ class TextClassificationDataModule(_TokenizerDataModule):
         labels: label values in class-index order; rows with any other label are skipped. ``None``: the sorted
             distinct values found.
         text_field, label_field: column (CSV) or key (JSONL) names.
-        val_file / val_fraction: held-out data, or the share of distinct texts held out.
+        val_file, val_fraction: held-out data, or the share of distinct texts held out.
         test_file: data for ``test``; the validation split when absent.
     """
 
