@@ -338,6 +338,14 @@ class Seq2SeqLMModule(_TransformerModule):
             setattr(self, f"{stage}_perplexity", TokenPerplexity())
             setattr(self, f"{stage}_token_accuracy", MeanMetric())  # share of target tokens predicted exactly
 
+    def setup(self, stage: str) -> None:
+        if isinstance(self.trainer.strategy, FSDPStrategy) and stage == "predict":
+            raise ConfigError(
+                "Generating under FSDP is not supported: generate() runs outside FSDP's forward, on a sharded model. "
+                "Predict on one device, or from the saved adapter with HF PEFT (peft.PeftModel.from_pretrained)."
+            )
+        super().setup(stage)
+
     def configure_model(self) -> None:
         if self.model is not None:
             return

@@ -21,6 +21,7 @@ from lightning_peft import (
     LoraConfig,
     MergeError,
     PeftCallback,
+    PeftFSDPStrategy,
     PeftStrategy,
     PromptTuningConfig,
     QuantizationConfig,
@@ -209,3 +210,11 @@ def test_random_weights_build_the_model_from_its_config_alone(tmp_path):
     streaming.trainer = trainer(strategy=PeftStrategy(quantization=QuantizationConfig(load_in_4bit=True)))
     with pytest.raises(ConfigError, match="random_weights.*stream"):
         streaming.configure_model()
+
+
+def test_predicting_under_fsdp_is_refused_before_any_work(bases):
+    module = Seq2SeqLMModule(str(bases["t5"]))
+    module.trainer = trainer(strategy=PeftFSDPStrategy())
+    with pytest.raises(ConfigError, match="Generating under FSDP"):
+        module.setup("predict")
+    module.setup("validate")  # validating (and training) under FSDP go ahead
