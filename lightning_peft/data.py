@@ -1,9 +1,10 @@
 """DataModules for the built-in tasks: chat/instruction tuning, input/target pairs for encoder-decoders, and
 labelled-text classification.
 
-Each takes the tokenizer of the module they feed (``trainer.lightning_module.tokenizer``) in ``setup``, so the
+Each takes the tokenizer of the module it feeds (``trainer.lightning_module.tokenizer``) in ``setup``, so the
 tokenizer is loaded once and always matches the model. The validation split is held out by a hash of the
-prompt (or text): every copy of a question lands on the same side, so validation questions are never trained on.
+prompt (or input, or text): every copy of a question lands on the same side, so validation questions are never
+trained on.
 
 Chat records, one JSON object per line, in any of three shapes::
 
