@@ -4,7 +4,7 @@ from lightning_peft.adapter_callback import SaveAdapterCallback
 from lightning_peft.adapter_io import load_adapter, save_adapter
 from lightning_peft.callback import PeftCallback
 from lightning_peft.checkpoint import restore_adapter
-from lightning_peft.data import ChatDataModule, TextClassificationDataModule
+from lightning_peft.data import ChatDataModule, Seq2SeqDataModule, TextClassificationDataModule
 from lightning_peft.errors import (
     AdapterFileError,
     AdapterMismatchError,
@@ -26,7 +26,7 @@ from lightning_peft.methods import (
     PromptTuningConfig,
 )
 from lightning_peft.methods.lora_fa import LoraFaConfig
-from lightning_peft.modules import CausalLMModule, SequenceClassificationModule
+from lightning_peft.modules import CausalLMModule, Seq2SeqLMModule, SequenceClassificationModule
 from lightning_peft.named_adapters import NamedAdapters
 from lightning_peft.quantization import QuantizationConfig
 from lightning_peft.strategy import PeftDDPStrategy, PeftStrategy
@@ -55,6 +55,8 @@ __all__ = [
     "PromptTuningConfig",
     "QuantizationConfig",
     "SaveAdapterCallback",
+    "Seq2SeqDataModule",
+    "Seq2SeqLMModule",
     "SequenceClassificationModule",
     "TargetModulesError",
     "TextClassificationDataModule",

@@ -1,8 +1,10 @@
-"""DataModules for the two built-in tasks: chat/instruction tuning and labelled-text classification.
+"""DataModules for the built-in tasks: chat/instruction tuning, input/target pairs for encoder-decoders, and
+labelled-text classification.
 
-Both take the tokenizer of the module they feed (``trainer.lightning_module.tokenizer``) in ``setup``, so the
+Each takes the tokenizer of the module it feeds (``trainer.lightning_module.tokenizer``) in ``setup``, so the
 tokenizer is loaded once and always matches the model. The validation split is held out by a hash of the
-prompt (or text): every copy of a question lands on the same side, so validation questions are never trained on.
+prompt (or input, or text): every copy of a question lands on the same side, so validation questions are never
+trained on.
 
 Chat records, one JSON object per line, in any of three shapes::
 
@@ -34,7 +36,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
-from transformers import PreTrainedModel
+from transformers import DataCollatorForSeq2Seq, PreTrainedModel
 from transformers.utils.generic import is_flash_attention_requested
 
 from lightning_peft.errors import ConfigError
@@ -403,6 +405,112 @@ class ChatDataModule(_TokenizerDataModule):
         return DataLoader(self.val_prompts, batch_size=self.batch_size, collate_fn=list)
 
 
+class Seq2SeqDataModule(_TokenizerDataModule):
+    """Input/target text pairs from JSONL (``.gz``/``.bz2`` accepted), for encoder-decoders (``Seq2SeqLMModule``).
+
+    One JSON object a line, e.g. ``{"input": "translate English to German: Thank you", "target": "Danke"}``. Inputs
+    are tokenized with the tokenizer's special tokens and targets as its ``text_target`` (T5 and BART end both with
+    ``</s>``, so the model learns where to stop), each truncated. Batches are padded to their longest input and
+    their longest target: inputs with the pad token (``attention_mask`` 0), labels with -100, so the loss skips the
+    padding; the model builds its decoder inputs from the labels.
+
+    Args:
+        train_file: JSONL file (``package:NAME/path`` for a file inside a package).
+        input_field, target_field: the keys of the input and target texts in each record.
+        val_file: held-out JSONL; when absent, ``val_fraction`` of ``train_file`` is held out by input.
+        val_fraction: share of distinct inputs held out for validation when there is no ``val_file``.
+        max_length: inputs are truncated to this many tokens.
+        max_target_length: targets are truncated to this many tokens.
+        max_train_examples, max_val_examples: keep only the first N (quick runs).
+
+    ``test`` and ``predict`` use the validation pairs (``predict`` generates from their inputs).
+    """
+
+    def __init__(
+        self,
+        train_file: str,
+        input_field: str = "input",
+        target_field: str = "target",
+        val_file: str | None = None,
+        val_fraction: float = 0.05,
+        max_length: int = 512,
+        max_target_length: int = 128,
+        batch_size: int = 8,
+        max_train_examples: int | None = None,
+        max_val_examples: int | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(batch_size, num_workers)
+        if not 0 <= val_fraction < 1:
+            raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+        if max_length < 1 or max_target_length < 1:
+            raise ConfigError(f"max_length and max_target_length must be at least 1, got {max_length} and "
+                              f"{max_target_length}.")
+        self.train_file, self.val_file, self.val_fraction = train_file, val_file, val_fraction
+        self.input_field, self.target_field = input_field, target_field
+        self.max_length, self.max_target_length = max_length, max_target_length
+        self.max_train_examples, self.max_val_examples = max_train_examples, max_val_examples
+        self.train: list[dict[str, list[int]]] = []
+        self.val: list[dict[str, list[int]]] = []
+
+    def read(self, path: str) -> list[tuple[str, str]]:
+        """(input, target) pairs of ``path``; a record without both texts is refused with its line."""
+        pairs = []
+        for number, record in read_jsonl(path):
+            source, target = record.get(self.input_field), record.get(self.target_field)
+            if not isinstance(source, str) or not isinstance(target, str):
+                raise ConfigError(f"{path}:{number}: expected text under '{self.input_field}' and "
+                                  f"'{self.target_field}'; the record has keys {sorted(record)}. Set input_field and "
+                                  f"target_field to the keys of your data.")
+            pairs.append((source, target))
+        return pairs
+
+    def pairs(self) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+        """(train, validation) pairs, before tokenization."""
+        rows = self.read(self.train_file)
+        if self.val_file is None:
+            train = [r for r in rows if not held_out(r[0], self.val_fraction)]
+            val = [r for r in rows if held_out(r[0], self.val_fraction)]
+        else:
+            train, val = rows, self.read(self.val_file)
+        return train[: self.max_train_examples], val[: self.max_val_examples]
+
+    def setup(self, stage: str) -> None:
+        if self.train or self.val:
+            return
+        tokenizer = self._tokenizer()
+        train, val = self.pairs()
+        if not train:
+            raise ConfigError(f"{self.train_file} holds no training pairs after the validation split.")
+        self.train, self.val = self._tokenize(train, tokenizer), self._tokenize(val, tokenizer)
+        rank_zero_info(f"{type(self).__name__}: {len(self.train)} training, {len(self.val)} validation pairs.")
+
+    def _tokenize(self, pairs: list[tuple[str, str]], tokenizer: Any) -> list[dict[str, list[int]]]:
+        if not pairs:
+            return []
+        sources, targets = zip(*pairs)
+        inputs = tokenizer(list(sources), truncation=True, max_length=self.max_length)
+        labels = tokenizer(text_target=list(targets), truncation=True, max_length=self.max_target_length)
+        return [{"input_ids": ids, "attention_mask": mask, "labels": target}
+                for ids, mask, target in zip(inputs["input_ids"], inputs["attention_mask"], labels["input_ids"])]
+
+    def collate(self, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        collator = DataCollatorForSeq2Seq(self._tokenizer(), label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
+        return dict(collator(examples))
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.val, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.val, shuffle=False)
+
+
 class TextClassificationDataModule(_TokenizerDataModule):
     """Labelled text from CSV or JSONL (``.gz``/``.bz2`` accepted).
 
@@ -411,7 +519,7 @@ class TextClassificationDataModule(_TokenizerDataModule):
         labels: label values in class-index order; rows with any other label are skipped. ``None``: the sorted
             distinct values found.
         text_field, label_field: column (CSV) or key (JSONL) names.
-        val_file / val_fraction: held-out data, or the share of distinct texts held out.
+        val_file, val_fraction: held-out data, or the share of distinct texts held out.
         test_file: data for ``test``; the validation split when absent.
     """
 

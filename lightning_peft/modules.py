@@ -1,4 +1,5 @@
-"""Built-in LightningModules for the two tasks the CLI fine-tunes out of the box.
+"""Built-in LightningModules for the tasks the CLI fine-tunes out of the box: causal LM, sequence-to-sequence LM
+(encoder-decoders such as T5 and BART) and sequence classification.
 
 Each loads its tokenizer in ``__init__`` (the DataModule takes it from there) and its transformers model in
 ``configure_model``, which ``PeftCallback.setup`` calls so the adapter goes in before the strategy wraps the
@@ -26,6 +27,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     GgufConfig,
@@ -34,7 +36,7 @@ from transformers import (
 
 from lightning_peft.callback import PeftCallback
 from lightning_peft.checkpoint import restore_adapter
-from lightning_peft.data import prompt_text
+from lightning_peft.data import IGNORE_INDEX, prompt_text
 from lightning_peft.errors import ConfigError
 from lightning_peft.loss import TokenPerplexity, causal_lm_loss
 from lightning_peft.resources import remember_source, resolve_path
@@ -75,6 +77,15 @@ def load_pretrained(auto_class: Any, path: str, gguf_file: str | None = None, dt
     return model
 
 
+def random_pretrained(auto_class: Any, path: str, dtype: Dtype | None = None, **kwargs: Any) -> Any:
+    """The model ``path``'s ``config.json`` describes, with transformers' random initialisation (from the run's
+    seed) instead of trained weights; the recorded source is that directory."""
+    config = AutoConfig.from_pretrained(resolve_path(path), **kwargs)
+    model = auto_class.from_config(config, **({} if dtype is None else {"dtype": getattr(torch, dtype)}))
+    remember_source(model, path, None)
+    return model
+
+
 def meta_pretrained(auto_class: Any, path: str, gguf_file: str | None = None, dtype: Dtype | None = None,
                     **kwargs: Any) -> Any:
     """The model ``load_pretrained`` returns, on the meta device and without weights: the same config (``kwargs``
@@ -105,6 +116,7 @@ class _TransformerModule(L.LightningModule):
     """
 
     pretrained_source: PretrainedSource  # the base's weights; a streaming strategy reads them from here
+    random_weights = False  # build the base from its config with random weights (Seq2SeqLMModule's option)
 
     def __init__(self, learning_rate: float, weight_decay: float, warmup_steps: int) -> None:
         super().__init__()
@@ -142,6 +154,12 @@ class _TransformerModule(L.LightningModule):
             strategy = None
         streamed = isinstance(strategy, PeftStrategyMixin) and strategy.streams_pretrained
         source = self.pretrained_source
+        if self.random_weights:
+            if streamed:
+                raise ConfigError(f"{type(self).__name__}(random_weights=True) has no weights for the quantizing "
+                                  f"strategy to stream in; set random_weights: false (load the trained weights) or "
+                                  f"train without quantization.")
+            return random_pretrained(auto_class, source.path, dtype, **kwargs)
         create = meta_pretrained if streamed else load_pretrained
         return create(auto_class, source.path, source.gguf_file, dtype, **kwargs)
 
@@ -279,6 +297,106 @@ class CausalLMModule(_TransformerModule):
 
     def predict_step(self, batch: list[list[dict[str, str]]], batch_idx: int) -> list[dict[str, str]]:
         return [{"prompt": m[-1]["content"], "response": self.generate(m)} for m in batch]
+
+
+class Seq2SeqLMModule(_TransformerModule):
+    """Encoder-decoder fine-tuning (T5, BART...) on input/target pairs; logs loss, perplexity and token accuracy on
+    the target tokens. The loss is the model's own (``labels``, with -100 on padding: ``Seq2SeqDataModule``'s
+    batches), which transformers computes over the decoder's positions.
+
+    Args:
+        model_name_or_path: a transformers model directory (``package:NAME/path`` inside an installed package).
+            Under a quantizing strategy its weights are streamed in one tensor at a time, each quantized on arrival.
+        tokenizer: where the tokenizer is, when not with the model.
+        dtype: the dtype the base weights are loaded in.
+        random_weights: build the model from the directory's ``config.json`` with randomly initialised weights
+            instead of loading trained ones: a smoke run of a recipe where no weights are at hand (as in
+            ``examples/seq2seq_lora.yaml``). Such a base cannot be loaded again, nor its adapter used elsewhere.
+        max_new_tokens: length limit of the outputs ``predict`` generates (greedy).
+    """
+
+    auto_class = AutoModelForSeq2SeqLM
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        tokenizer: str | None = None,
+        dtype: Dtype = "float32",
+        random_weights: bool = False,
+        learning_rate: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        max_new_tokens: int = 64,
+    ) -> None:
+        super().__init__(learning_rate, weight_decay, warmup_steps)
+        self.save_hyperparameters()
+        self.model_name_or_path, self.dtype_name, self.random_weights = model_name_or_path, dtype, random_weights
+        self.pretrained_source = PretrainedSource(resolve_path(model_name_or_path))
+        self.tokenizer = load_tokenizer(tokenizer or model_name_or_path)
+        self.max_new_tokens = max_new_tokens
+        for stage in ("val", "test"):  # both weighted by each batch's target tokens
+            setattr(self, f"{stage}_perplexity", TokenPerplexity())
+            setattr(self, f"{stage}_token_accuracy", MeanMetric())  # share of target tokens predicted exactly
+
+    def setup(self, stage: str) -> None:
+        if isinstance(self.trainer.strategy, FSDPStrategy) and stage == "predict":
+            raise ConfigError(
+                "Generating under FSDP is not supported: generate() runs outside FSDP's forward, on a sharded model. "
+                "Predict on one device, or from the saved adapter with HF PEFT (peft.PeftModel.from_pretrained)."
+            )
+        super().setup(stage)
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.model = self._create_model(AutoModelForSeq2SeqLM, self.dtype_name)
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model.generation_config.pad_token_id = self.model.config.pad_token_id
+        self.model.train()
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> Any:
+        return self.model(**batch)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self(batch).loss
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        self._log_lr()
+        return loss
+
+    def _evaluate(self, batch: dict[str, torch.Tensor], stage: str) -> None:
+        out = self(batch)
+        labels = batch["labels"]
+        labelled = labels != IGNORE_INDEX
+        count = labelled.sum()
+        correct = ((out.logits.argmax(-1) == labels) & labelled).sum()
+        perplexity, accuracy = getattr(self, f"{stage}_perplexity"), getattr(self, f"{stage}_token_accuracy")
+        perplexity.update(out.loss, weight=count)
+        accuracy.update(correct / count.clamp(min=1), weight=count)
+        self.log(f"{stage}_loss", out.loss, prog_bar=True, batch_size=max(int(count), 1))
+        self.log(f"{stage}_perplexity", perplexity, prog_bar=True)
+        self.log(f"{stage}_token_accuracy", accuracy)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    @torch.no_grad()
+    def generate(self, inputs: list[str]) -> list[str]:
+        """The model's greedy outputs for ``inputs``."""
+        encoded = self.tokenizer(inputs, return_tensors="pt", padding=True).to(self.device)
+        return self._decode(self.model.generate(**encoded, max_new_tokens=self.max_new_tokens, do_sample=False))
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list[str]:
+        """The greedy outputs for a batch's inputs (its labels, if any, are not looked at)."""
+        output = self.model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                     max_new_tokens=self.max_new_tokens, do_sample=False)
+        return self._decode(output)
+
+    def _decode(self, output: torch.Tensor) -> list[str]:
+        return [text.strip() for text in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
 
 
 class SequenceClassificationModule(_TransformerModule):

@@ -11,6 +11,7 @@ import dataclasses
 
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
 
 from lightning_peft.errors import AdapterMismatchError, TargetModulesError
 from lightning_peft.methods.base import AdapterConfig, AdapterLayer
@@ -50,6 +51,8 @@ def resolve_config(model: PreTrainedModel, config: AdapterConfig) -> AdapterConf
     if task_type is None:
         name = type(model).__name__
         task_type = next((t for suffix, t in _TASK_BY_CLASS_SUFFIX.items() if name.endswith(suffix)), None)
+        if model.config.is_encoder_decoder and name in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES.values():
+            task_type = "SEQ_2_SEQ_LM"  # T5ForConditionalGeneration, BartForConditionalGeneration...
     modules_to_save = list(config.modules_to_save or [])
     if task_type == "SEQ_CLS":
         names = {p.rsplit(".", 1)[-1] for p, _ in model.named_modules()}

@@ -1,11 +1,13 @@
-"""Convert the English part of chatterbot-corpus (BSD-3-Clause) to chat JSONL for the default example.
+"""Convert the English part of chatterbot-corpus (BSD-3-Clause) to chat JSONL for the default example, and to
+input/target pairs for the encoder-decoder example.
 
 Each YAML conversation (alternating lines) becomes one record ``{"messages": [...], "category": ...}`` with user
 and assistant turns; a trailing unanswered line is dropped. Scalars are read as strings (``Yes`` stays "Yes").
+Each user turn and the answer to it also become one pair ``{"input": ..., "target": ..., "category": ...}``.
 The package is located with importlib and never imported.
 
-    python scripts/convert_chatterbot.py                 # (re)write examples/data/chatterbot_english.jsonl
-    python scripts/convert_chatterbot.py --check         # exit 1 if the committed file differs
+    python scripts/convert_chatterbot.py                 # (re)write examples/data/chatterbot_{english,pairs}.jsonl
+    python scripts/convert_chatterbot.py --check         # exit 1 if a committed file differs
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-OUTPUT = Path(__file__).resolve().parent.parent / "examples" / "data" / "chatterbot_english.jsonl"
+DATA = Path(__file__).resolve().parent.parent / "examples" / "data"
 
 
 def corpus_dir() -> Path:
@@ -43,19 +45,35 @@ def records(folder: Path) -> list[dict]:
     return out
 
 
+def pairs(conversations: list[dict]) -> list[dict]:
+    """Every user turn with the assistant turn that answers it."""
+    out = []
+    for record in conversations:
+        turns = [m["content"] for m in record["messages"]]
+        out += [{"input": question, "target": answer, "category": record["category"]}
+                for question, answer in zip(turns[0::2], turns[1::2])]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", type=Path, default=OUTPUT)
-    parser.add_argument("--check", action="store_true", help="compare with the existing file instead of writing")
+    parser.add_argument("--output", type=Path, default=DATA, help="the folder to write the two files in")
+    parser.add_argument("--check", action="store_true", help="compare with the existing files instead of writing")
     args = parser.parse_args()
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records(corpus_dir()))
-    if args.check:
-        same = args.output.is_file() and args.output.read_text(encoding="utf-8") == text
-        print(f"{args.output} is {'up to date' if same else 'out of date: rerun without --check'}")
-        sys.exit(0 if same else 1)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text, encoding="utf-8")
-    print(f"wrote {text.count(chr(10))} conversations to {args.output}")
+    conversations = records(corpus_dir())
+    files = {"chatterbot_english.jsonl": conversations, "chatterbot_pairs.jsonl": pairs(conversations)}
+    stale = []
+    for name, lines in files.items():
+        path, text = args.output / name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines)
+        if args.check:
+            same = path.is_file() and path.read_text(encoding="utf-8") == text
+            print(f"{path} is {'up to date' if same else 'out of date: rerun without --check'}")
+            stale += [] if same else [path]
+            continue
+        args.output.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        print(f"wrote {len(lines)} records to {path}")
+    sys.exit(1 if stale else 0)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Encoder-decoder models (T5, BART) with every weight-adapting method on "all-linear": model code that reads
 attributes of the layers an adapter wraps (T5's ``wo.weight.dtype``) keeps working, files interoperate with HF
-PEFT (``SEQ_2_SEQ_LM``) both ways and merges are exact. Prompt methods refuse such models clearly."""
+PEFT (``SEQ_2_SEQ_LM``) both ways and merges are exact. Prompt tuning puts its virtual tokens before the encoder's
+input as HF PEFT does (same outputs and generations, files both ways); prefix tuning refuses such models clearly."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from lightning_peft import (
     ConfigError,
     IA3Config,
     LoraConfig,
+    MergeError,
     PrefixTuningConfig,
     PromptTuningConfig,
     QuantizationConfig,
@@ -24,7 +26,7 @@ from lightning_peft import (
 )
 from lightning_peft.methods.base import WrappingLayer
 from lightning_peft.quantization import quantize_model, skip_paths
-from lightning_peft.surgery import adapter_layers, attach
+from lightning_peft.surgery import adapter_layers, attach, detach
 
 SEQ2SEQ = {
     "t5": (transformers.T5Config, dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
@@ -138,10 +140,55 @@ def test_conv1d_base_reports_its_features_from_the_layer_not_the_weight():
     assert layer.weight is layer.base_layer.weight
 
 
-@pytest.mark.parametrize("config_class", [PromptTuningConfig, PrefixTuningConfig])
-@pytest.mark.parametrize("task_type", [TASK, "CAUSAL_LM"])
-def test_prompt_methods_refuse_encoder_decoders_naming_why(config_class, task_type):
+def padded_batch() -> dict[str, torch.Tensor]:
+    inputs = seq2seq_batch()
+    inputs["attention_mask"][0, -3:] = 0  # a padded row: the cross-attention mask must still line up
+    return inputs
+
+
+@pytest.mark.parametrize("family", list(SEQ2SEQ))
+def test_prompt_tuning_puts_the_prompt_before_the_encoder_input_as_hf_peft_does_both_ways(tmp_path, family):
+    peft = pytest.importorskip("peft")
+    model = make_seq2seq(family)
+    (encoder,) = attach(model, PromptTuningConfig(task_type=TASK, num_virtual_tokens=3)).values()
+    assert encoder.config.num_transformer_submodules == 2 and encoder.prompt_embeddings.shape == (6, 32)
+    inputs = padded_batch()
+    expected = model(**inputs).logits
+    assert expected.shape[1] == inputs["decoder_input_ids"].shape[1]  # the decoder's length is unchanged
+    assert not torch.allclose(make_seq2seq(family)(**inputs).logits, expected, atol=1e-4)
+    save_adapter(model, tmp_path / "ours")
+
+    theirs = peft.PeftModel.from_pretrained(make_seq2seq(family), tmp_path / "ours").eval()
+    assert isinstance(theirs, peft.PeftModelForSeq2SeqLM)
+    torch.testing.assert_close(theirs(**inputs).logits, expected, rtol=0, atol=1e-5)
+    generate = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], min_new_tokens=4,
+                    max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    ours_generated, theirs_generated = model.generate(**generate), theirs.generate(**generate)
+    torch.testing.assert_close(ours_generated.sequences, theirs_generated.sequences, rtol=0, atol=0)
+    torch.testing.assert_close(torch.stack(ours_generated.scores), torch.stack(theirs_generated.scores),
+                               rtol=0, atol=1e-5)
+    theirs.save_pretrained(tmp_path / "theirs")
+    back = load_adapter(make_seq2seq(family), tmp_path / "theirs")
+    torch.testing.assert_close(back(**inputs).logits, expected, rtol=0, atol=1e-5)
+
+    with pytest.raises(MergeError):
+        merge_adapter(model)
+    detach(model)
+    torch.testing.assert_close(model(**inputs).logits, make_seq2seq(family)(**inputs).logits, rtol=0, atol=1e-5)
+
+
+def test_prompt_tuning_reads_the_seq2seq_task_from_the_model_and_refuses_another():
     model = make_seq2seq("t5")
-    with pytest.raises(ConfigError, match="encoder-decoder.*num_transformer_submodules=2.*LoRA"):
-        attach(model, config_class(task_type=task_type, num_virtual_tokens=3))
+    with pytest.raises(ConfigError, match="encoder-decoder T5ForConditionalGeneration needs task_type='SEQ_2_SEQ_LM'"):
+        attach(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    assert not adapter_layers(model)
+    (encoder,) = attach(model, PromptTuningConfig(num_virtual_tokens=3)).values()
+    assert encoder.config.task_type == TASK
+
+
+@pytest.mark.parametrize("task_type", [TASK, "CAUSAL_LM"])
+def test_prefix_tuning_refuses_encoder_decoders_naming_why(task_type):
+    model = make_seq2seq("t5")
+    with pytest.raises(ConfigError, match="Prefix tuning does not support encoder-decoder.*PromptTuningConfig"):
+        attach(model, PrefixTuningConfig(task_type=task_type, num_virtual_tokens=3))
     assert not adapter_layers(model)

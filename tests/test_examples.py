@@ -15,7 +15,7 @@ import yaml
 
 from conftest import launcher_free_env
 from lightning_peft.cli import main
-from tiny_assets import save_tiny_causal_lm, save_tiny_encoder
+from tiny_assets import save_tiny_causal_lm, save_tiny_encoder, save_tiny_seq2seq
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 CONFIGS = sorted(EXAMPLES.glob("*.yaml"))
@@ -25,7 +25,8 @@ CONFIGS = sorted(EXAMPLES.glob("*.yaml"))
 def tiny(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
     return {"lightning_peft.CausalLMModule": save_tiny_causal_lm(root / "llama"),
-            "lightning_peft.SequenceClassificationModule": save_tiny_encoder(root / "bert")}
+            "lightning_peft.SequenceClassificationModule": save_tiny_encoder(root / "bert"),
+            "lightning_peft.Seq2SeqLMModule": save_tiny_seq2seq(root / "t5")}
 
 
 def overrides(config: dict, tiny: dict[str, Path]) -> list[str]:
@@ -39,6 +40,8 @@ def overrides(config: dict, tiny: dict[str, Path]) -> list[str]:
             "--data.init_args.max_val_examples=4"]
     if "gguf_file" in model.get("init_args", {}):
         args.append("--model.init_args.gguf_file=null")
+    if model.get("init_args", {}).get("random_weights"):  # the tiny model's saved weights are loaded instead
+        args.append("--model.init_args.random_weights=false")
     if "generate_prompts" in model.get("init_args", {}):
         args.append("--model.init_args.max_new_tokens=2")
     return args
@@ -54,7 +57,7 @@ def test_there_is_a_config_per_task_method_and_strategy():
     names = {path.stem for path in CONFIGS}
     assert {"smollm2_lora", "smollm2_qlora", "smollm2_dora", "smollm2_ia3", "smollm2_prompt_tuning",
             "smollm2_prefix_tuning", "smollm2_bottleneck", "smollm2_galore", "smollm2_lora_ddp",
-            "minilm_sentiment_lora"} <= names
+            "minilm_sentiment_lora", "seq2seq_lora"} <= names
 
 
 @pytest.mark.parametrize("path", [p for p in CONFIGS if "ddp" not in p.stem], ids=lambda p: p.stem)
@@ -99,3 +102,18 @@ def test_downstream_example_answers_with_an_adapter_checkpoint(tiny, tmp_path, m
     answers = downstream.main([str(checkpoint), "--base", str(base), "--prompt", "What is AI ?",
                                "--prompt", "Hello", "--max_new_tokens", "3"])
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+
+
+def test_seq2seq_example_runs_as_it_stands_on_the_random_t5_its_config_describes(tmp_path, monkeypatch):
+    """No installed package ships an encoder-decoder: the example builds its T5 from examples/t5_tiny/config.json
+    with random weights, offline, and writes the adapter (task SEQ_2_SEQ_LM) and the merged model."""
+    path = EXAMPLES / "seq2seq_lora.yaml"
+    config = yaml.safe_load(path.read_text())
+    monkeypatch.chdir(tmp_path)
+    in_workdir(tmp_path)
+    args = [a for a in overrides(config, {"lightning_peft.Seq2SeqLMModule": ""}) if "model.init_args" not in a]
+    main(["fit", "--config", str(path), *args])
+    (metrics,) = tmp_path.rglob("metrics.csv")
+    assert "val_perplexity" in metrics.read_text()
+    assert json.loads((metrics.parent / "adapter" / "adapter_config.json").read_text())["task_type"] == "SEQ_2_SEQ_LM"
+    assert (metrics.parent / "merged" / "model.safetensors").is_file()

@@ -21,7 +21,7 @@ N = 3
 @pytest.mark.parametrize(
     "kwargs",
     [dict(num_virtual_tokens=0), dict(num_virtual_tokens=2.5), dict(prompt_tuning_init="ZEROS"),
-     dict(prompt_tuning_init="TEXT", prompt_tuning_init_text="hello"), dict(num_transformer_submodules=2)],
+     dict(prompt_tuning_init="TEXT", prompt_tuning_init_text="hello"), dict(num_transformer_submodules=3)],
 )
 def test_bad_config_is_refused_at_construction(kwargs):
     with pytest.raises(ConfigError):
@@ -34,6 +34,8 @@ def test_unsupported_task_or_dimensions_are_refused_before_any_change(llama):
         attach(llama, PromptTuningConfig(num_virtual_tokens=N, task_type="SEQ_2_SEQ_LM"))
     with pytest.raises(ConfigError, match="token_dim"):
         attach(llama, PromptTuningConfig(num_virtual_tokens=N, token_dim=64))
+    with pytest.raises(ConfigError, match="num_transformer_submodules"):  # 2 is for encoder-decoders
+        attach(llama, PromptTuningConfig(num_virtual_tokens=N, num_transformer_submodules=2))
     assert not adapter_layers(llama) and not hasattr(llama, "prompt_encoder")
     assert all(torch.equal(before[n], p) and p.requires_grad for n, p in llama.named_parameters())
 

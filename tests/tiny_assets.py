@@ -1,7 +1,8 @@
-"""Tiny random models with tiny trained tokenizers, saved as transformers directories, for CLI and data tests.
+"""Tiny random models with tiny tokenizers, saved as transformers directories, for CLI and data tests.
 
 The tokenizer is a word-level one trained in-process on a few sentences (plus any words the test needs), with a
-ChatML chat template, so the whole pipeline (template, response masking, generation) runs in seconds.
+ChatML chat template, so the whole pipeline (template, response masking, generation) runs in seconds; the
+encoder-decoders get transformers' byte-level ByT5 tokenizer, which ends every sequence with ``</s>`` as T5's does.
 """
 
 from __future__ import annotations
@@ -58,5 +59,26 @@ def save_tiny_encoder(path: Path, seed: int = 0) -> Path:
                                      num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256,
                                      pad_token_id=tokenizer.pad_token_id)
     transformers.BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def save_tiny_seq2seq(path: Path, family: str = "t5", seed: int = 0, **overrides) -> Path:
+    """A 2+2-layer T5 or BART without dropout (losses repeat exactly) and with a byte-level ByT5 tokenizer (which
+    needs no trained vocabulary), saved to ``path``."""
+    tokenizer = transformers.ByT5Tokenizer()
+    special = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    if family == "t5":
+        kwargs = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
+                      dropout_rate=0.0, decoder_start_token_id=tokenizer.pad_token_id)
+    else:
+        kwargs = dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                      decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=256,
+                      dropout=0.0, bos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.eos_token_id,
+                      forced_eos_token_id=tokenizer.eos_token_id)
+    config_class = transformers.T5Config if family == "t5" else transformers.BartConfig
+    config = config_class(**{**special, **kwargs, **overrides})
+    transformers.AutoModelForSeq2SeqLM.from_config(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

@@ -45,6 +45,7 @@ from lightning_peft.methods.prompt import (
     ENCODER_PATH,
     PromptLearningConfig,
     call_kwargs,
+    is_encoder_decoder,
     prepend_mask,
 )
 
@@ -78,6 +79,14 @@ class PrefixTuningConfig(PromptLearningConfig):
             raise ConfigError(f"encoder_hidden_size must be a positive integer, got {self.encoder_hidden_size!r}.")
 
     def fill_from_model(self, model: PreTrainedModel) -> PrefixTuningConfig:
+        if is_encoder_decoder(model):
+            raise ConfigError(
+                f"Prefix tuning does not support encoder-decoder models such as {type(model).__name__}: HF PEFT "
+                f"hands them a prefix for the encoder's self-attention and for both of the decoder's attentions "
+                f"(num_transformer_submodules=2, an EncoderDecoderCache), which lightning_peft does not implement. "
+                f"Use prompt tuning (PromptTuningConfig, task_type='SEQ_2_SEQ_LM'), or LoRA, DoRA, AdaLoRA or IA3 "
+                f"(target_modules='all-linear' works)."
+            )
         backbone = model.base_model
         if "past_key_values" not in inspect.signature(backbone.forward).parameters:
             raise ConfigError(f"Prefix tuning hands the prefix to attention as past_key_values, which "

@@ -12,6 +12,17 @@ into ``inputs_embeds`` with the prompt in front, lengthens ``attention_mask``, a
 front of ``labels`` so the loss ignores the virtual positions. The user keeps calling ``model(...)`` as before;
 the logits cover the virtual positions too, exactly as HF PEFT's ``PeftModel`` returns them. ``causal_lm_loss``,
 which calls the model's body rather than its forward, applies the same rewrite (``PromptEncoder.with_prompt``).
+
+Encoder-decoders (T5, BART; ``task_type="SEQ_2_SEQ_LM"``) get the prompt in front of the encoder's input only, as
+under HF PEFT's ``PeftModelForSeq2SeqLM``; decoder inputs, labels and logits keep their length::
+
+    input_ids ──► [ virtual | tokens ] ──► encoder ──► (n + L states) ──► decoder cross-attention ──► logits
+                                                                            ▲ mask: n ones + attention_mask
+
+The hooks sit on the encoder (which ``generate`` calls on its own, before decoding) and on the decoder, which
+attends to the virtual positions through a cross-attention mask lengthened by ``n``. HF PEFT stores
+``num_transformer_submodules=2`` prompts for such models and reads only the first, the encoder's; the tensor
+keeps that ``(2n, token_dim)`` shape here too, so files move either way unchanged.
 """
 
 from __future__ import annotations
@@ -29,8 +40,13 @@ from transformers import Cache, PreTrainedModel
 from lightning_peft.errors import ConfigError
 from lightning_peft.methods.base import AdapterConfig, AdapterLayer
 
-PROMPT_TASKS = ("CAUSAL_LM", "SEQ_CLS")
+PROMPT_TASKS = ("CAUSAL_LM", "SEQ_CLS")  # of decoder-only and encoder-only models
+SEQ2SEQ_TASK = "SEQ_2_SEQ_LM"  # of encoder-decoders, for the methods that support them
 ENCODER_PATH = "prompt_encoder"  # where the adapter module sits in the transformers model (HF PEFT's name)
+
+
+def is_encoder_decoder(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
 def _positive_int(name: str, value: Any, optional: bool = False) -> None:
@@ -52,7 +68,7 @@ class PromptLearningConfig(AdapterConfig):
     token_dim: int | None = None
     """Width of a virtual token (the model's hidden size; for prefix tuning the width of the keys and values)."""
     num_transformer_submodules: int | None = None
-    """1 for the decoder-only and encoder-only models supported here."""
+    """1 for decoder-only and encoder-only models, 2 for encoder-decoders (HF PEFT's count of prompts stored)."""
     num_attention_heads: int | None = None
     """Attention heads (key-value heads for prefix tuning), read from the model."""
     num_layers: int | None = None
@@ -63,20 +79,18 @@ class PromptLearningConfig(AdapterConfig):
         _positive_int("num_virtual_tokens", self.num_virtual_tokens)
         for name in ("token_dim", "num_attention_heads", "num_layers"):
             _positive_int(name, getattr(self, name), optional=True)
-        if self.num_transformer_submodules not in (None, 1):
-            raise ConfigError(f"num_transformer_submodules={self.num_transformer_submodules!r}: only 1 (decoder-only "
-                              f"or encoder-only models) is supported; encoder-decoder models are not.")
+        if self.num_transformer_submodules not in (None, 1, 2):
+            raise ConfigError(f"num_transformer_submodules={self.num_transformer_submodules!r}: it is 1 (decoder-only "
+                              f"or encoder-only models) or 2 (encoder-decoders); leave it unset to read it from the "
+                              f"model.")
 
     def fill_from_model(self, model: PreTrainedModel) -> PromptLearningConfig:
         method = type(self).__name__.removesuffix("Config")
-        if getattr(model.config, "is_encoder_decoder", False):
-            raise ConfigError(
-                f"{method} does not support encoder-decoder models such as {type(model).__name__}: HF PEFT puts "
-                f"virtual tokens in front of both the encoder's and the decoder's input (num_transformer_"
-                f"submodules=2), which lightning_peft does not implement. Adapt it with LoRA, DoRA, AdaLoRA or IA3 "
-                f"(target_modules='all-linear' works), or use a decoder-only model."
-            )
-        if self.task_type not in PROMPT_TASKS:
+        if is_encoder_decoder(model):
+            if self.task_type != SEQ2SEQ_TASK:
+                raise ConfigError(f"{method} on the encoder-decoder {type(model).__name__} needs task_type="
+                                  f"{SEQ2SEQ_TASK!r} (an AutoModelForSeq2SeqLM model); got {self.task_type!r}.")
+        elif self.task_type not in PROMPT_TASKS:
             raise ConfigError(f"{method} supports task_type {PROMPT_TASKS} (a *ForCausalLM or *ForSequence"
                               f"Classification model); got task_type={self.task_type!r} for {type(model).__name__}.")
         if "inputs_embeds" not in inspect.signature(model.forward).parameters:
@@ -93,7 +107,8 @@ class PromptLearningConfig(AdapterConfig):
         """``token_dim``, ``num_attention_heads``, ``num_layers`` and ``num_transformer_submodules`` of ``model``."""
         config = model.config
         return dict(token_dim=config.hidden_size, num_attention_heads=config.num_attention_heads,
-                    num_layers=config.num_hidden_layers, num_transformer_submodules=1)
+                    num_layers=config.num_hidden_layers,
+                    num_transformer_submodules=2 if is_encoder_decoder(model) else 1)
 
 
 @dataclasses.dataclass
@@ -137,7 +152,7 @@ class PromptTuningConfig(PromptLearningConfig):
 
     def _initial_prompt(self, model: PreTrainedModel) -> torch.Tensor:
         embedding = model.get_input_embeddings()
-        n = self.num_virtual_tokens
+        n = self.num_virtual_tokens * self.num_transformer_submodules  # HF PEFT's row count; the first n are used
         if self.prompt_tuning_init == "RANDOM":
             return torch.randn(n, self.token_dim, device=embedding.weight.device)
         if self.prompt_tuning_init == "SAMPLE_VOCAB":
@@ -154,7 +169,7 @@ class PromptTuningConfig(PromptLearningConfig):
         ids = tokenizer(self.prompt_tuning_init_text)["input_ids"]
         if not ids:
             raise ConfigError(f"prompt_tuning_init_text={self.prompt_tuning_init_text!r} gives no tokens.")
-        n = self.num_virtual_tokens
+        n = self.num_virtual_tokens * self.num_transformer_submodules
         return (ids * math.ceil(n / len(ids)))[:n]  # repeated or cut to n, as HF PEFT does
 
 
@@ -182,8 +197,9 @@ def prepend_mask(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
 
 
 class PromptEncoder(AdapterLayer):
-    """Holds the soft prompt and, through a forward pre-hook on the transformers model, puts it in front of the
-    input embeddings. Added to the model as ``prompt_encoder``; it replaces no module."""
+    """Holds the soft prompt and, through a forward pre-hook on the transformers model (on an encoder-decoder's
+    encoder), puts it in front of the input embeddings. Added to the model as ``prompt_encoder``; it replaces no
+    module."""
 
     adapter_parameter_names: ClassVar[tuple[str, ...]] = ("prompt_embeddings",)
     disk_names: ClassVar[dict[str, str]] = {"prompt_embeddings": "prompt_embeddings"}
@@ -198,17 +214,35 @@ class PromptEncoder(AdapterLayer):
         super().__init__()
         self.config = config
         self.num_virtual_tokens = config.num_virtual_tokens
-        self.prompt_embeddings = nn.Parameter(initial.to(torch.float32))  # (n, token_dim), fp32 as in HF PEFT
+        # (n x num_transformer_submodules, token_dim), fp32 as in HF PEFT
+        self.prompt_embeddings = nn.Parameter(initial.to(torch.float32))
         self._handles: list[RemovableHandle] = []
 
     def disk_key(self, path: str, name: str) -> str:
         return self.disk_names[name]  # HF PEFT's one model-level tensor, no module path
 
     def bind(self, model: nn.Module) -> None:
-        self._handles.append(model.register_forward_pre_hook(self._prepend, with_kwargs=True))
+        if not is_encoder_decoder(model):
+            self._handles.append(model.register_forward_pre_hook(self._prepend, with_kwargs=True))
+            return
+        # generate() runs the encoder on its own, then the model once per token with the encoder's output.
+        self._handles += [model.get_encoder().register_forward_pre_hook(self._prepend, with_kwargs=True),
+                          model.get_decoder().register_forward_pre_hook(self._attend_to_prompt, with_kwargs=True)]
 
     def _prepend(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
         return (), self.with_prompt(model, call_kwargs(model, args, kwargs))
+
+    def _attend_to_prompt(self, decoder: nn.Module, args: tuple,
+                          kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        """The decoder's cross-attention mask with the virtual positions attended: the model hands the decoder the
+        ``attention_mask`` it was given, one entry per real token, next to encoder states that also hold the
+        prompt's."""
+        kwargs = call_kwargs(decoder, args, kwargs)
+        mask, states = kwargs.get("encoder_attention_mask"), kwargs.get("encoder_hidden_states")
+        n = self.num_virtual_tokens
+        if mask is not None and states is not None and mask.dim() == 2 and mask.shape[1] + n == states.shape[1]:
+            kwargs["encoder_attention_mask"] = prepend_mask(mask, n)
+        return (), kwargs
 
     def with_prompt(self, model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The keyword arguments of a call to ``model`` (or to its body, which ``causal_lm_loss`` calls directly)
@@ -225,7 +259,7 @@ class PromptEncoder(AdapterLayer):
         if embeds is None:
             embeds = model.get_input_embeddings()(kwargs["input_ids"])
         batch = embeds.shape[0]
-        prompt = self.prompt_embeddings.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+        prompt = self.prompt_embeddings[:n].to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
         kwargs["inputs_embeds"] = torch.cat((prompt, embeds), dim=1)
         kwargs["input_ids"] = None
         labels = kwargs.get("labels")
