@@ -71,12 +71,23 @@ def test_held_out_is_deterministic_and_close_to_the_fraction():
     assert 150 < sum(picked) < 250
 
 
-def test_packing_fills_rows_without_splitting_examples():
+def test_packing_fills_few_even_rows_without_splitting_examples():
     examples = [{"input_ids": [i] * n, "labels": [IGNORE_INDEX] * (n - 1) + [i]} for i, n in enumerate([3, 4, 5, 2, 6], 1)]
     rows = pack(examples, max_length=8)
-    assert [len(r["input_ids"]) for r in rows] == [7, 7, 6]
-    assert rows[0]["labels"] == [IGNORE_INDEX] * 2 + [1] + [IGNORE_INDEX] * 3 + [2]
-    assert sum(len(r["input_ids"]) for r in rows) == 20
+    assert sorted(len(r["input_ids"]) for r in rows) == [6, 7, 7]  # consecutive filling gives 7, 7, 6 padded to 8
+    assert sorted(r["input_ids"] for r in rows) == [[2] * 4 + [1] * 3, [3] * 5 + [4] * 2, [5] * 6]
+    by_first = {r["input_ids"][0]: r for r in rows}
+    assert by_first[2]["labels"] == [IGNORE_INDEX] * 3 + [2] + [IGNORE_INDEX] * 2 + [1]  # each example's last label
+    assert len(pack(examples, max_length=20)) == 1 and len(pack(examples, max_length=6)) == 4
+
+
+def test_packing_evens_rows_out_where_filling_in_order_would_leave_one_short():
+    lengths = [136, 129, 58, 50, 48, 47, 47, 47]  # 8 chat examples of a step: in order, rows of 244, 224 and 94
+    examples = [{"input_ids": [1] * n, "labels": [1] * n} for n in lengths]
+    rows = pack(examples, max_length=256)
+    assert sorted(len(r["input_ids"]) for r in rows) == [176, 183, 203]
+    assert sorted(len(r["input_ids"]) for r in pack([*examples, {"input_ids": [2] * 300, "labels": [2] * 300}],
+                                                      max_length=256)) == [176, 183, 203, 300]  # too long: alone
 
 
 def test_dynamic_padding_pads_to_the_longest_in_the_batch():

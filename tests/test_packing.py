@@ -60,7 +60,7 @@ def test_a_packed_batch_loses_what_its_examples_lose_one_at_a_time(family, atten
     check_packing(model)
     data = examples()
     rows = pack(data, max_length=24)
-    assert [len(r["input_ids"]) for r in rows] == [24, 6]  # two rows, the second padded
+    assert sorted(len(r["input_ids"]) for r in rows) == [14, 16]  # two even rows, the shorter padded
     batch = pad_batch(rows, pad_token_id=0)
     assert "attention_mask" not in batch
     with torch.no_grad():
@@ -71,7 +71,7 @@ def test_a_packed_batch_loses_what_its_examples_lose_one_at_a_time(family, atten
         torch.testing.assert_close(flat, expected, rtol=1e-5, atol=1e-5)
         # The same rows attending across examples lose something else: the comparison above can fail.
         leaking = model(**batch, attention_mask=torch.ones_like(batch["input_ids"])).loss
-        assert (leaking - expected).abs() > 1e-2
+        assert (leaking - expected).abs() > 1e-4  # ten times the tolerance of the equality above
 
 
 def test_module_forward_keeps_packed_examples_apart(tmp_path):
