@@ -29,8 +29,8 @@ What follows from it:
   module's own layers back in place of FSDP's wrappers (each rank keeps its shard of the base, so the module cannot
   be trained or run again). During ``fit`` a rank that reads the wrapped module's state dict alone would wait for
   the others: write checkpoints instead. The base's fingerprint is taken on rank 0 before the embedding is sharded.
-- the wrap: each of the transformer's blocks (``_no_split_modules``, as ``from_pretrained(device_map=...)`` uses)
-  is a unit unless ``auto_wrap_policy`` says otherwise; ``wrap()`` inside ``configure_model`` is refused, since the
+- the wrap: each of the transformer's blocks (``_no_split_modules``, as ``from_pretrained(device_map=...)`` uses),
+  and the input embedding and output head when untied, is a unit unless ``auto_wrap_policy`` says otherwise; ``wrap()`` inside ``configure_model`` is refused, since the
   adapter must go in before any wrap. Activation checkpointing is transformers' own (``gradient_checkpointing``).
 - a 4-bit base is quantized before the wrap; FSDP flattens its packed weights with the other tensors of a unit,
   which must share one dtype, so the storage dtype must be the one it trains in: ``bnb_4bit_quant_storage=
@@ -55,7 +55,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torch.distributed.constants import default_pg_timeout
 from torch.distributed.fsdp import CPUOffload, FullyShardedDataParallel, ShardingStrategy
-from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+from torch.distributed.fsdp.wrap import CustomPolicy, ModuleWrapPolicy
 from torch.optim import Optimizer
 from typing_extensions import override
 
@@ -64,6 +64,7 @@ from lightning_peft.fingerprint import base_fingerprint, pin_fingerprint
 from lightning_peft.methods.base import AdapterConfig, AdapterLayer
 from lightning_peft.quantization import QuantizationConfig
 from lightning_peft.strategy import PeftStrategyMixin
+from lightning_peft.streaming import release_free_memory
 from lightning_peft.surgery import find_transformer
 from lightning_peft.targets import set_submodule
 
@@ -109,7 +110,8 @@ class PeftFSDPStrategy(PeftStrategyMixin, DDPStrategy):
 
     Args:
         auto_wrap_policy: which modules are FSDP units: a policy of ``torch.distributed.fsdp.wrap`` or a set of
-            module classes; default: the transformer's blocks (``_no_split_modules``).
+            module classes; default: the transformer's blocks (``_no_split_modules``), the input embedding and
+            the output head (unless tied).
         sharding_strategy: FSDP's ``ShardingStrategy`` or its name (``"FULL_SHARD"``, ``"SHARD_GRAD_OP"``, ...).
         cpu_offload: keep the base's shards in CPU memory between uses (FSDP's ``CPUOffload(offload_params=True)``).
         state_dict_type: only ``"full"``: checkpoints are single files holding the adapter, never sharded.
@@ -238,10 +240,13 @@ class PeftFSDPStrategy(PeftStrategyMixin, DDPStrategy):
                     dist.broadcast(param.data, src=0)  # the adapter's random init may differ between ranks
         kwargs = {**self.fsdp_kwargs, "auto_wrap_policy": self.auto_wrap_policy or _block_policy(model)}
         kwargs["ignored_states"] = [*_parameters(kwargs.get("ignored_states", [])), *self.replicated.values()]
-        if streamed:
-            kwargs["param_init_fn"] = _RankZeroBase(model, replicated, self.root_device, self.is_global_zero,
-                                                    self.broadcast).materialize
-        return FullyShardedDataParallel(module=model, device_id=self.root_device, **kwargs)
+        if not streamed:
+            return FullyShardedDataParallel(module=model, device_id=self.root_device, **kwargs)
+        kwargs["param_init_fn"] = _RankZeroBase(model, replicated, self.root_device, self.is_global_zero,
+                                                self.broadcast).materialize
+        wrapped = FullyShardedDataParallel(module=model, device_id=self.root_device, **kwargs)
+        release_free_memory()  # the units' whole tensors, freed once sharded, out of the C heap
+        return wrapped
 
     @override
     def teardown(self) -> None:
@@ -367,11 +372,16 @@ def _parameters(states: Any) -> list[nn.Parameter]:
     return [p for s in states for p in (s.parameters() if isinstance(s, nn.Module) else [s])]
 
 
-def _block_policy(model: nn.Module) -> ModuleWrapPolicy:
-    """One FSDP unit per transformer block, the classes the model names in ``_no_split_modules``."""
-    names = set(getattr(find_transformer(model)[1], "_no_split_modules", None) or [])
-    classes = {type(m) for m in model.modules() if type(m).__name__ in names}
-    return ModuleWrapPolicy(classes)
+def _block_policy(model: nn.Module) -> CustomPolicy:
+    """One FSDP unit per transformer block (the classes the model names in ``_no_split_modules``), and one each for
+    the input embedding and the output head unless they share their weight: left in the root unit they would be
+    materialized and flattened together, the largest unit of most models."""
+    transformer = find_transformer(model)[1]
+    names = set(getattr(transformer, "_no_split_modules", None) or [])
+    embedding, head = transformer.get_input_embeddings(), transformer.get_output_embeddings()
+    tied = head is not None and embedding is not None and head.weight is embedding.weight
+    own = [] if tied else [m for m in (embedding, head) if m is not None]
+    return CustomPolicy(lambda module: type(module).__name__ in names or any(module is m for m in own))
 
 
 def _qlora_fsdp() -> QuantizationConfig:
