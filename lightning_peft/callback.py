@@ -132,10 +132,10 @@ class PeftCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if isinstance(trainer.strategy, FSDPStrategy) and not isinstance(trainer.strategy, PeftFSDPStrategy):
+        if isinstance(trainer.strategy, FSDPStrategy):
             raise ConfigError(
-                "PeftCallback under FSDP needs PeftFSDPStrategy (strategy='peft_fsdp'), Lightning's FSDPStrategy "
-                "with the adapter kept whole on every rank: FSDPStrategy would shard it with the base, so "
+                "PeftCallback under FSDP needs PeftFSDPStrategy (strategy='peft_fsdp'), which shards the base and "
+                "keeps the adapter whole on every rank: Lightning's FSDPStrategy would shard it with the base, so "
                 "save_adapter could not write it from rank 0 and checkpoints would gather the whole base."
             )
         if is_overridden("configure_model", pl_module):
@@ -354,7 +354,7 @@ class PeftCallback(Callback):
         if self._first_batch_done or self._backward_ran:
             return
         self._backward_ran = True
-        if not isinstance(trainer.strategy, FSDPStrategy):
+        if not isinstance(trainer.strategy, (FSDPStrategy, PeftFSDPStrategy)):
             report(first_step_findings(find_transformer(pl_module)[1], backward_ran=True))
 
     @override

@@ -50,9 +50,10 @@ def base_fingerprint(model: PreTrainedModel) -> dict[str, Any]:
     return {"config_sha256": _config_hash(model), "embedding_samples": _embedding_samples(model)}
 
 
-def pin_fingerprint(model: PreTrainedModel) -> None:
-    """Record ``model``'s fingerprint now, while its weights are whole (before FSDP shards them)."""
-    setattr(model, _PINNED, base_fingerprint(model))
+def pin_fingerprint(model: PreTrainedModel, fingerprint: dict[str, Any] | None = None) -> None:
+    """Record ``model``'s fingerprint now, while its weights are whole (before FSDP shards them), or the one
+    ``fingerprint`` given (taken on the rank that holds the weights)."""
+    setattr(model, _PINNED, base_fingerprint(model) if fingerprint is None else fingerprint)
 
 
 def fingerprint_mismatch(model: PreTrainedModel, recorded: Any) -> str | None:

@@ -38,6 +38,7 @@ from lightning_peft.callback import PeftCallback
 from lightning_peft.checkpoint import restore_adapter
 from lightning_peft.data import IGNORE_INDEX, prompt_text
 from lightning_peft.errors import ConfigError
+from lightning_peft.fsdp import PeftFSDPStrategy
 from lightning_peft.loss import TokenPerplexity, causal_lm_loss
 from lightning_peft.resources import remember_source, resolve_path
 from lightning_peft.strategy import PeftStrategyMixin
@@ -233,7 +234,7 @@ class CausalLMModule(_TransformerModule):
             setattr(self, f"{stage}_token_accuracy", MeanMetric())  # share of response tokens predicted exactly
 
     def setup(self, stage: str) -> None:
-        if isinstance(self.trainer.strategy, FSDPStrategy) and (self.generate_prompts or stage == "predict"):
+        if isinstance(self.trainer.strategy, (FSDPStrategy, PeftFSDPStrategy)) and (self.generate_prompts or stage == "predict"):
             raise ConfigError(
                 "Generating under FSDP is not supported: generate() runs outside FSDP's forward, on a sharded model. "
                 "Leave generate_prompts empty and answer prompts from the saved adapter (lightning-peft generate)."

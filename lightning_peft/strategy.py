@@ -88,6 +88,12 @@ class PeftStrategyMixin:
         whole. Unquantized, ``from_pretrained`` holds each weight once anyway."""
         return self.quantization is not None
 
+    @property
+    def reads_pretrained(self) -> bool:
+        """Whether this process reads a meta model's weights from disk; ``PeftFSDPStrategy`` reads on rank 0 only
+        and leaves the other ranks' base on the meta device, to be filled, shard by shard, at the wrap."""
+        return True
+
     def prepare_model(self, pl_module: pl.LightningModule, adapter: AdapterConfig | None = None) -> None:
         """Quantize, stream-load, freeze and checkpoint the transformers model of ``pl_module`` (once).
 
@@ -108,7 +114,7 @@ class PeftStrategyMixin:
             replaced = quantize_model(model, self.quantization, device, skip_paths(model, self.quantization, keep))
             bits = 4 if self.quantization.load_in_4bit else 8
             rank_zero_info(f"Quantized {len(replaced)} linear layers to {bits} bits.")
-        if source is not None:
+        if source is not None and self.reads_pretrained:
             # A module's own source asks for what from_pretrained(source) gives: a head the checkpoint lacks is new.
             initialized = stream_load(model, source, device,
                                       initialize_missing=source is getattr(pl_module, "pretrained_source", None))
@@ -145,9 +151,13 @@ class PeftStrategyMixin:
         self.prepare_model(trainer.lightning_module)  # before the parent moves and wraps the model
         # The parent's setup lets the precision plugin convert the whole module first ("bf16-true": module.to(
         # bfloat16)). What must keep its dtype is held here and given back before the device move and the wrap.
-        self._held = [(p, p.data) for p in self.dtype_kept_parameters(trainer.lightning_module)
-                      if p.is_floating_point()]
+        self.hold_kept_dtypes(trainer.lightning_module)
         super().setup(trainer)
+
+    def hold_kept_dtypes(self, pl_module: pl.LightningModule) -> None:
+        """Hold the data of ``dtype_kept_parameters`` for ``restore_held_dtypes`` to give back after the precision
+        plugin's conversion."""
+        self._held = [(p, p.data) for p in self.dtype_kept_parameters(pl_module) if p.is_floating_point()]
 
     def dtype_kept_parameters(self, pl_module: pl.LightningModule) -> list[nn.Parameter]:
         """Parameters a precision plugin's conversion must not change: the adapter's (float32 whatever the base

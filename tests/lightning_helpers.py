@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import VOCAB, launcher_free_env, make_model
-from lightning_peft import load_adapter, save_adapter
+from lightning_peft import CausalLMModule, load_adapter, save_adapter
 from lightning_peft.adapter_io import adapter_state_dict
 
 SEED = 1000  # rank N of a scripted two-process run seeds SEED + N before its adapter goes in
@@ -44,6 +44,20 @@ class CausalLM(L.LightningModule):
         if self.optimizer_kind is None:
             return None
         return torch.optim.AdamW(self.parameters(), lr=self.lr)  # everything, frozen included: the common mistake
+
+
+class PretrainedCausalLM(CausalLMModule):
+    """The built-in ``CausalLMModule`` over a saved model directory (it creates its base on the meta device for a
+    strategy that streams it in), trained and recorded as ``CausalLM``."""
+
+    def __init__(self, path: str, lr: float = 1e-2):
+        super().__init__(path, dtype="bfloat16", learning_rate=lr)
+        self.losses: list[float] = []
+
+    training_step = CausalLM.training_step
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.learning_rate)
 
 
 def loader(n: int = 16, length: int = 16, batch_size: int = 4) -> DataLoader:

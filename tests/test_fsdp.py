@@ -7,6 +7,7 @@ generating, an 8-bit base) is refused before training, with the fix."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from conftest import METHODS, QUANTIZABLE, batch, make_model
 from lightning_helpers import (
     CausalLM,
+    PretrainedCausalLM,
     check_every_other_method,
     check_ranks_against_one_process,
     loader,
@@ -97,6 +99,29 @@ def test_lora_on_a_4bit_base_stored_in_bfloat16_with_gradient_checkpointing(tmp_
     base = make_model("llama", **QUANTIZABLE)
     quantize_model(base, QuantizationConfig(**NF4), "cpu", skip_paths(base, QuantizationConfig(**NF4)))
     load_adapter(base, tmp_path / "lora-llama" / "adapter")
+
+
+@pytest.mark.slow
+def test_rank_zero_alone_reads_and_quantizes_the_base_the_other_rank_receives_its_shard(tmp_path):
+    """The built-in module streams its base in under FSDP: rank 0 reads each tensor of the checkpoint once and
+    quantizes it; rank 1 reads nothing and holds no frozen value before the wrap, then its half of the base, sent
+    unit by unit from rank 0. The adapter trained is the one a single process trains on both ranks' batches."""
+    pretrained = tmp_path / "base"
+    make_model("llama", **QUANTIZABLE).to(torch.bfloat16).save_pretrained(pretrained)
+    tiny_tokenizer().save_pretrained(pretrained)
+    run_two_processes("fsdp", tmp_path, 4, "--nf4", "--pretrained", str(pretrained))
+    run = tmp_path / "lora-llama"
+    module = PretrainedCausalLM(str(pretrained))
+    check_ranks_against_one_process(run, module, [PeftCallback(METHODS["lora"]["make"]("llama"))], 1e-2,
+                                    strategy=PeftStrategy(quantization=QuantizationConfig(**NF4),
+                                                          gradient_checkpointing=True), precision="bf16-true")
+    frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
+    reads = [json.loads((run / f"reads{r}.json").read_text()) for r in (0, 1)]
+    assert reads[0] == {"tensors_read": len(load_file(pretrained / "model.safetensors")), "held_before_wrap": frozen}
+    assert reads[1] == {"tensors_read": 0, "held_before_wrap": 0}
+    held = [record["held"] for record in rank_records(run)]
+    assert sum(held) == frozen and max(held) < 0.6 * frozen
+    assert [record["linear4bit"] for record in rank_records(run)] == [14, 14]
 
 
 def test_lightning_fsdp_strategy_is_refused_with_the_fix():
