@@ -69,7 +69,7 @@ from lightning_peft.doctor import (
     wrapped_findings,
 )
 from lightning_peft.errors import AdapterMismatchError, ConfigError
-from lightning_peft.fsdp import PeftFSDPStrategy, clean_name
+from lightning_peft.fsdp import clean_name, is_fsdp
 from lightning_peft.methods.base import AdapterConfig, TrainingHooks
 from lightning_peft.optim import OptimName, build_optimizer, split_lr_groups
 from lightning_peft.strategy import PeftStrategyMixin
@@ -354,7 +354,7 @@ class PeftCallback(Callback):
         if self._first_batch_done or self._backward_ran:
             return
         self._backward_ran = True
-        if not isinstance(trainer.strategy, (FSDPStrategy, PeftFSDPStrategy)):
+        if not is_fsdp(trainer.strategy):
             report(first_step_findings(find_transformer(pl_module)[1], backward_ran=True))
 
     @override

@@ -50,7 +50,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torch.distributed.constants import default_pg_timeout
@@ -393,3 +393,8 @@ StrategyRegistry.register(PeftFSDPStrategy.strategy_name, PeftFSDPStrategy, desc
                           override=True)
 StrategyRegistry.register("qlora_fsdp", PeftFSDPStrategy, description="PeftFSDPStrategy with NF4 double-quantized "
                           "base stored in bfloat16", override=True, quantization=_qlora_fsdp())
+
+
+def is_fsdp(strategy: object) -> bool:
+    """Whether ``strategy`` shards the model with FSDP: ours, or Lightning's own ``FSDPStrategy``."""
+    return isinstance(strategy, (FSDPStrategy, PeftFSDPStrategy))

@@ -22,14 +22,13 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
 from lightning_peft.atomic import atomic_directory, output_directory
 from lightning_peft.errors import AdapterMismatchError, ConfigError
-from lightning_peft.fsdp import PeftFSDPStrategy
+from lightning_peft.fsdp import is_fsdp
 from lightning_peft.methods.base import AdapterLayer
 from lightning_peft.quantization import dequantize, dequantize_module, dequantized_dtype, is_quantized
 from lightning_peft.shards import DEFAULT_SHARD_SIZE, write_sharded
@@ -203,7 +202,7 @@ class MergeCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if isinstance(trainer.strategy, (FSDPStrategy, PeftFSDPStrategy)):
+        if is_fsdp(trainer.strategy):
             raise ConfigError(
                 "MergeCallback cannot export under FSDP: each rank holds only a shard of the base. Save the adapter "
                 "(SaveAdapterCallback) and merge it in one process (lightning-peft merge, or load_adapter and "

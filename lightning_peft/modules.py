@@ -20,7 +20,6 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.aggregation import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
@@ -38,7 +37,7 @@ from lightning_peft.callback import PeftCallback
 from lightning_peft.checkpoint import restore_adapter
 from lightning_peft.data import IGNORE_INDEX, prompt_text
 from lightning_peft.errors import ConfigError
-from lightning_peft.fsdp import PeftFSDPStrategy
+from lightning_peft.fsdp import is_fsdp
 from lightning_peft.loss import TokenPerplexity, causal_lm_loss
 from lightning_peft.resources import remember_source, resolve_path
 from lightning_peft.strategy import PeftStrategyMixin
@@ -234,7 +233,7 @@ class CausalLMModule(_TransformerModule):
             setattr(self, f"{stage}_token_accuracy", MeanMetric())  # share of response tokens predicted exactly
 
     def setup(self, stage: str) -> None:
-        if isinstance(self.trainer.strategy, (FSDPStrategy, PeftFSDPStrategy)) and (self.generate_prompts or stage == "predict"):
+        if is_fsdp(self.trainer.strategy) and (self.generate_prompts or stage == "predict"):
             raise ConfigError(
                 "Generating under FSDP is not supported: generate() runs outside FSDP's forward, on a sharded model. "
                 "Leave generate_prompts empty and answer prompts from the saved adapter (lightning-peft generate)."
@@ -340,7 +339,7 @@ class Seq2SeqLMModule(_TransformerModule):
             setattr(self, f"{stage}_token_accuracy", MeanMetric())  # share of target tokens predicted exactly
 
     def setup(self, stage: str) -> None:
-        if isinstance(self.trainer.strategy, FSDPStrategy) and stage == "predict":
+        if is_fsdp(self.trainer.strategy) and stage == "predict":
             raise ConfigError(
                 "Generating under FSDP is not supported: generate() runs outside FSDP's forward, on a sharded model. "
                 "Predict on one device, or from the saved adapter with HF PEFT (peft.PeftModel.from_pretrained)."
