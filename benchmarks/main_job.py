@@ -8,7 +8,9 @@ template, loss on the answers, max_length 256):
 - theirs: ``peft.get_peft_model``, each optimizer step's 8 examples in one batch padded to its longest example,
   ``model(**batch).loss`` in ``training_step``;
 - ours: ``CausalLMModule`` + ``PeftCallback``, each step's 8 examples packed by ``ChatDataModule``'s own
-  ``pack`` and ``collate`` (rows of at most 256 tokens), the module's own ``training_step``.
+  ``pack`` and ``collate`` (the fewest even rows of at most 256 tokens), the module's own ``training_step``, in a
+  process whose C allocator is set as the ``lightning-peft`` command sets it for the default job
+  (``map_large_allocations``: buffers of 1 MiB or more are unmapped when freed rather than kept in the heap).
 
 Same examples, same order, same examples per optimizer step; each contender in a fresh process, alternating,
 round after round. Measured: wall time of the pass over the examples (``on_train_start`` to ``on_train_end``),
@@ -165,6 +167,10 @@ def run_child(contender: str, steps: int, accelerator: str) -> dict:
     from torch.utils.data import DataLoader
 
     L.seed_everything(0, verbose=False)
+    if contender == "ours":
+        from lightning_peft.streaming import map_large_allocations
+
+        map_large_allocations()  # what `lightning-peft fit --config examples/smollm2_lora.yaml` runs under
     module, model, callbacks = theirs_module(steps) if contender == "theirs" else ours_module()
     tokenizer = module.tokenizer
     data, train, val = examples(tokenizer, steps)

@@ -8,7 +8,8 @@ memory after its imports (the baseline) and its peak resident memory at the end 
 - transformers: ``from_pretrained(..., quantization_config=BitsAndBytesConfig(4-bit NF4, double quant))``,
   ``peft.get_peft_model`` with LoRA r=16 on q, k, v, o, one AdamW step;
 - lightning_peft: a LightningModule that creates the model on the meta device from the directory's config,
-  ``Trainer(strategy=PeftStrategy(quantization=...), callbacks=[PeftCallback(...)], max_steps=1)``.
+  ``Trainer(strategy=PeftStrategy(quantization=...), callbacks=[PeftCallback(...)], max_steps=1)``, its loss
+  from ``causal_lm_loss`` (the output head in chunks, no logits for the whole batch).
 
 Usage: ``python benchmarks/streaming_memory.py [--repeats N] [--out benchmarks/STREAMING.md]``.
 
@@ -96,7 +97,7 @@ def run_lightning_peft(directory: str) -> dict:
     import transformers
     from torch.utils.data import DataLoader, TensorDataset
 
-    from lightning_peft import LoraConfig, PeftCallback, PeftStrategy, QuantizationConfig
+    from lightning_peft import LoraConfig, PeftCallback, PeftStrategy, QuantizationConfig, causal_lm_loss
 
     class Module(L.LightningModule):
         def __init__(self):
@@ -111,7 +112,7 @@ def run_lightning_peft(directory: str) -> dict:
 
         def training_step(self, batch, batch_idx):
             (ids,) = batch
-            return self.model(input_ids=ids, labels=ids).loss
+            return causal_lm_loss(self.model, {"input_ids": ids, "labels": ids})  # the package's lean loss
 
         def configure_optimizers(self):
             return None
