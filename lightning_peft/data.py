@@ -317,6 +317,22 @@ class _TokenizerDataModule(L.LightningDataModule):
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, sampler=sampler,
                           num_workers=self.num_workers, collate_fn=self.collate)
 
+    def test_examples(self) -> list:
+        """What ``test`` and ``predict`` run on: the validation split, unless the data module has a test split."""
+        return self.val
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_examples(), shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_examples(), shuffle=False)
+
 
 class ChatDataModule(_TokenizerDataModule):
     """Instruction or chat data from JSONL (Alpaca, ShareGPT or messages records), loss on responses only.
@@ -421,12 +437,6 @@ class ChatDataModule(_TokenizerDataModule):
                                        seed=int(os.environ.get("PL_GLOBAL_SEED", 0)), **ranks)
         return self._loader(self.train, shuffle=False, sampler=sampler)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.val, shuffle=False)
-
     def predict_dataloader(self) -> DataLoader:
         """The held-out prompts (their answers removed), for ``predict`` to answer."""
         return DataLoader(self.val_prompts, batch_size=self.batch_size, collate_fn=list)
@@ -525,18 +535,6 @@ class Seq2SeqDataModule(_TokenizerDataModule):
         collator = DataCollatorForSeq2Seq(self._tokenizer(), label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
         return dict(collator(examples))
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.val, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.val, shuffle=False)
-
 
 class TextClassificationDataModule(_TokenizerDataModule):
     """Labelled text from CSV or JSONL (``.gz``/``.bz2`` accepted).
@@ -622,14 +620,5 @@ class TextClassificationDataModule(_TokenizerDataModule):
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         return dict(self._tokenizer().pad(examples, return_tensors="pt"))
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test, shuffle=False)
+    def test_examples(self) -> list:
+        return self.test
