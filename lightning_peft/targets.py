@@ -26,6 +26,15 @@ def match_module_name(name: str, patterns: str | list[str] | None) -> bool:
         return re.fullmatch(patterns, name) is not None
     return any(name == key or name.endswith("." + key) for key in patterns)
 
+def trained_in_full(path: str, modules_to_save: list[str] | None) -> bool:
+    """Whether ``path`` is a module trained in full or inside one: its path, or a parent's, ends with a
+    ``modules_to_save`` name (the rule that selects them, ``surgery.modules_to_save_paths``). As in HF PEFT, no
+    adapter goes there, so a classification head that holds linear layers (RoBERTa's ``classifier.dense``) is saved
+    whole, never adapted."""
+    parts = path.split(".")
+    return any(".".join(parts[:i]).endswith(name) for name in modules_to_save or [] for i in range(1, len(parts) + 1))
+
+
 def is_linear(module: nn.Module) -> bool:
     """A layer a single-layer adapter can wrap: ``nn.Linear`` (bitsandbytes' 4-bit and 8-bit layers are
     subclasses) or GPT-2's ``Conv1D``."""
@@ -51,11 +60,13 @@ def find_targets(
     defaults: Mapping[str, Patterns],
     method: str,
     supported: Callable[[nn.Module], bool] = is_linear,
+    modules_to_save: list[str] | None = None,
 ) -> dict[str, nn.Module]:
     """The modules a method adapts, by path: every method resolves ``target_modules`` with this one rule.
 
     ``None`` takes ``defaults`` for the model's family (HF PEFT's defaults), ``"all-linear"`` every supported
-    layer but the output head, anything else matches as in HF PEFT; ``exclude_modules`` removes paths.
+    layer but the output head, anything else matches as in HF PEFT; ``exclude_modules`` removes paths, and so does
+    ``modules_to_save`` (``trained_in_full``).
     """
     if target_modules is None:
         try:
@@ -63,9 +74,9 @@ def find_targets(
                                                              "'all-linear').")
         except ConfigError as err:
             raise ConfigError(f"{method} has no target_modules and {err}") from None
-    skip: set[str] = set()
+    skip = {path for path, _ in model.named_modules() if trained_in_full(path, modules_to_save)}
     if target_modules == "all-linear":
-        target_modules, skip = r".*", output_head_paths(model)
+        target_modules, skip = r".*", skip | output_head_paths(model)
     return select_targets(model, target_modules, exclude_modules, supported, skip)
 
 

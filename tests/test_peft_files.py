@@ -15,11 +15,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import METHODS, make_model
+from conftest import METHODS, batch, make_model
 from lightning_peft import LoraConfig, cli, load_adapter, save_adapter
 from lightning_peft.adapter_io import FINGERPRINT_KEY, METADATA_KEY, read_adapter
 from lightning_peft.resources import package_reference, remember_source, resolve_path
-from lightning_peft.surgery import attach
+from lightning_peft.surgery import adapter_layers, attach
+from lightning_peft.targets import trained_in_full
 
 PEFT_METHODS = [m for m in METHODS if METHODS[m]["peft"]]
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
@@ -64,6 +65,33 @@ def test_hf_peft_loads_our_files_without_a_warning(tmp_path, method, caplog):
     from_peft = [str(w.message) for w in caught if "/peft/" in w.filename]
     assert not from_peft, from_peft
     assert not [r.getMessage() for r in caplog.records if r.name.startswith("peft")]
+
+
+def test_a_classification_head_is_trained_in_full_not_adapted_as_in_hf_peft(tmp_path):
+    """The head is saved whole, never adapted: a LoRA on it wrote keys HF PEFT could not load (KeyError)."""
+    peft = pytest.importorskip("peft")
+    kwargs = dict(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, task_type="SEQ_CLS")
+    model = make_model("bert", "seq_cls")
+    attach(model, LoraConfig(**kwargs))
+    save_adapter(model, tmp_path / "ours")
+    reference = peft.get_peft_model(make_model("bert", "seq_cls"), peft.LoraConfig(**kwargs)).eval()
+    reference.save_pretrained(tmp_path / "theirs")
+    shapes = {d: {k: tuple(v.shape) for k, v in load_file(tmp_path / d / "adapter_model.safetensors").items()}
+              for d in ("ours", "theirs")}
+    assert shapes["ours"] == shapes["theirs"] and "base_model.model.classifier.weight" in shapes["ours"]
+    theirs = peft.PeftModel.from_pretrained(make_model("bert", "seq_cls"), tmp_path / "ours").eval()
+    torch.testing.assert_close(theirs(**batch()).logits, model(**batch()).logits, rtol=0, atol=1e-5)
+    back = load_adapter(make_model("bert", "seq_cls"), tmp_path / "theirs")
+    torch.testing.assert_close(back(**batch()).logits, reference(**batch()).logits, rtol=0, atol=1e-5)
+
+
+def test_no_adapter_goes_inside_a_module_trained_in_full():
+    assert trained_in_full("classifier.dense", ["classifier"]) and trained_in_full("pre_classifier", ["classifier"])
+    assert not trained_in_full("bert.encoder.layer.0.output.dense", ["classifier", "score"])
+    model = make_model("distilbert", "seq_cls")  # pre_classifier and classifier: both selected by "classifier"
+    attach(model, LoraConfig(r=4, target_modules="all-linear", task_type="SEQ_CLS"))
+    assert adapter_layers(model) and not [p for p in adapter_layers(model) if "classifier" in p]
+    assert all(p.requires_grad for n, p in model.named_parameters() if "classifier" in n)
 
 
 def test_fingerprint_and_own_fields_live_in_the_safetensors_metadata(tmp_path):

@@ -126,7 +126,8 @@ class AdaLoraConfig(AdapterConfig):
                               f"total_step={total_step} steps; lower them or train longer.")
 
     def build_layers(self, model: nn.Module) -> dict[str, AdaLoraLayer]:
-        selected = find_targets(model, self.target_modules, self.exclude_modules, DEFAULT_TARGETS, "AdaLoraConfig")
+        selected = find_targets(model, self.target_modules, self.exclude_modules, DEFAULT_TARGETS, "AdaLoraConfig",
+                                modules_to_save=self.modules_to_save)
         pattern = self.rank_pattern or {}
         return {path: AdaLoraLayer(module, self, sum(pattern.get(f"{path}.lora_E", [True] * self.init_r)))
                 for path, module in selected.items()}

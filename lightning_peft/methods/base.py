@@ -77,7 +77,8 @@ class AdapterConfig(ABC):
     """The GGUF file inside ``base_model_name_or_path`` the base was read from, filled in at save like it; kept in
     the safetensors metadata, as HF PEFT has no such field."""
     modules_to_save: list[str] | None = None
-    """Modules trained in full and saved with the adapter (e.g. a classification head), by name or suffix."""
+    """Modules trained in full and saved with the adapter (e.g. a classification head), by name or suffix; as in
+    HF PEFT, no adapter goes on them or on a layer inside them."""
     autocast_adapter_dtype: bool = dataclasses.field(default=True, kw_only=True)
     """Adapter parameters in float32 whatever the base's dtype, as HF PEFT does: on a bfloat16 base, AdamW updates
     smaller than bfloat16's resolution (1/128 of a weight's magnitude) would be rounded away. Compute still runs

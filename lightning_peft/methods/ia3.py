@@ -86,7 +86,8 @@ class IA3Config(AdapterConfig):
             feedforward = family_default(model, DEFAULT_FEEDFORWARD, "IA3Config needs target_modules and "
                                          "feedforward_modules, e.g. target_modules=['k_proj', 'v_proj', 'down_proj'], "
                                          "feedforward_modules=['down_proj'].")
-        selected = find_targets(model, self.target_modules, self.exclude_modules, DEFAULT_TARGETS, "IA3Config")
+        selected = find_targets(model, self.target_modules, self.exclude_modules, DEFAULT_TARGETS, "IA3Config",
+                                modules_to_save=self.modules_to_save)
         return {path: IA3Layer(module, self, _is_feedforward(path, feedforward)) for path, module in selected.items()}
 
 

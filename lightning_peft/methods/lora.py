@@ -237,7 +237,8 @@ class LoraConfig(AdapterConfig):
 
     def select_targets(self, model: nn.Module) -> dict[str, nn.Module]:
         """The layers this config adapts: ``find_targets``' rule, then HF PEFT's ``layers_to_transform``."""
-        selected = find_targets(model, self.target_modules, self.exclude_modules, DEFAULT_TARGETS, type(self).__name__)
+        selected = find_targets(model, self.target_modules, self.exclude_modules, DEFAULT_TARGETS, type(self).__name__,
+                                modules_to_save=self.modules_to_save)
         if self.init_lora_weights in DECOMPOSED:
             held = [p for p, m in selected.items() if is_quantized(m) or m.weight.device.type == "meta"]
             if held:

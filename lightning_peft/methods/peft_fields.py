@@ -52,6 +52,7 @@ def _ignored(name: str, note: str) -> PeftField:
 _FIELDS_TEST = "tests/test_lora_fields.py"
 _INTEROP = "tests/test_methods.py::test_hf_peft_loads_ours_and_we_load_hf_peft"
 _INIT_INTEROP = f"{_FIELDS_TEST}::test_hf_peft_loads_ours_and_we_load_theirs"
+_HEAD_INTEROP = "tests/test_peft_files.py::test_a_classification_head_is_trained_in_full_not_adapted_as_in_hf_peft"
 
 LORA_FIELDS: tuple[PeftField, ...] = (
     _honoured("task_type", "Which model class HF PEFT wraps; SEQ_CLS also trains the classification head.", _INTEROP),
@@ -78,7 +79,8 @@ LORA_FIELDS: tuple[PeftField, ...] = (
               "tests/test_lora.py::test_bias_modes_train_and_save_the_right_biases"),
     _honoured("use_rslora", "Scaling lora_alpha / sqrt(r).",
               "tests/test_dora.py::test_rslora_scales_by_alpha_over_sqrt_r_and_hf_peft_agrees"),
-    _honoured("modules_to_save", "Modules trained in full and saved with the adapter.", _INTEROP),
+    _honoured("modules_to_save", "Modules trained in full and saved with the adapter; never adapted.",
+              _HEAD_INTEROP),
     _honoured("init_lora_weights", "Kaiming-uniform A, zero B: starts as the base.", _INIT_INTEROP, True),
     _honoured("init_lora_weights", "Random A and B (for tests).", _INIT_INTEROP, False),
     _honoured("init_lora_weights", "Normal A (std 1/r), zero B.", _INIT_INTEROP, "gaussian"),
