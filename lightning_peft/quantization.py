@@ -276,10 +276,20 @@ def quantize_model(model: nn.Module, config: QuantizationConfig, device: torch.d
     one full-precision weight is copied at once); returns the replaced paths.
 
     On a CPU whose bitsandbytes kernels mishandle a layer's row length (``cpu_4bit_row_length_works``), that layer
-    stays in full precision, with a warning: a slower layer rather than a wrong one.
+    stays in full precision, with a warning: a slower layer rather than a wrong one. So do subclasses of
+    ``nn.Linear`` (Falcon's ``FalconLinear``, PhiMoE's router), with a warning: their own forward may do more than a
+    quantized layer would (the router returns a tuple), and the run should not believe its base is smaller than it is.
     """
     targets = [path for path, module in model.named_modules()
                if type(module) is nn.Linear and path not in skip]
+    subclassed = [path for path, module in model.named_modules()
+                  if isinstance(module, nn.Linear) and type(module) is not nn.Linear and path not in skip]
+    if subclassed:
+        kinds = sorted({type(model.get_submodule(path)).__name__ for path in subclassed})
+        warnings.warn(
+            f"{len(subclassed)} linear layer(s) of {', '.join(kinds)} (subclasses of nn.Linear with a forward of their "
+            f"own) stay in full precision: {', '.join(subclassed[:4])}{', ...' if len(subclassed) > 4 else ''}. "
+            f"Only plain nn.Linear layers are quantized; budget memory for these at full precision.", stacklevel=2)
     if config.load_in_4bit and torch.device(device).type == "cpu":
         broken = [path for path in targets if not cpu_4bit_row_length_works(
             model.get_submodule(path).in_features, config.bnb_4bit_quant_type, config.compute_dtype)]

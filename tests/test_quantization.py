@@ -100,6 +100,19 @@ def test_layers_the_cpu_kernels_would_miscompute_stay_dense_with_a_warning():
     torch.testing.assert_close(model(**batch()).logits, dense(**batch()).logits, rtol=0, atol=LOGIT_TOLERANCE["nf4"])
 
 
+def test_subclasses_of_linear_stay_dense_and_are_named():
+    """Falcon's layers subclass nn.Linear with a forward of their own; a run must not believe them quantized."""
+    config = transformers.FalconConfig(vocab_size=128, hidden_size=64, num_hidden_layers=1, num_attention_heads=4)
+    model = transformers.FalconForCausalLM(config)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        replaced = quantize_model(model, QuantizationConfig(**NF4), "cpu", skip_paths(model, QuantizationConfig(**NF4)))
+    assert replaced == [] and all(type(m).__name__ == "FalconLinear" for m in model.modules()
+                                  if isinstance(m, torch.nn.Linear) and m is not model.lm_head)
+    (warned,) = [str(w.message) for w in caught if "FalconLinear" in str(w.message)]
+    assert warned.startswith("4 linear layer(s) of FalconLinear") and "transformer.h.0.mlp.dense_4h_to_h" in warned
+
+
 def test_double_quantization_compresses_the_scales():
     single, _ = quantized(**NF4)
     double, _ = quantized(**CONFIGS["nf4-double-quant"])
