@@ -186,6 +186,37 @@ class _TransformerModule(L.LightningModule):
         ``load_from_checkpoint`` and ``trainer.validate(ckpt_path=...)`` work without the callback."""
         restore_adapter(self, checkpoint)
 
+    def _training_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss a training step minimizes: the model's own, from the batch's labels."""
+        return self(batch).loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self._training_loss(batch)
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        self._log_lr()
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val")  # each module's own metrics
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def _add_token_metrics(self) -> None:
+        """Perplexity and token accuracy for validation and test, each weighted by its batch's labelled tokens."""
+        for stage in ("val", "test"):
+            setattr(self, f"{stage}_perplexity", TokenPerplexity())
+            setattr(self, f"{stage}_token_accuracy", MeanMetric())  # share of labelled tokens predicted exactly
+
+    def _log_token_metrics(self, stage: str, loss: torch.Tensor, count: torch.Tensor, correct: torch.Tensor) -> None:
+        """Log ``stage``'s loss (the mean over ``count`` labelled tokens) and update its token metrics."""
+        perplexity, accuracy = getattr(self, f"{stage}_perplexity"), getattr(self, f"{stage}_token_accuracy")
+        perplexity.update(loss, weight=count)
+        accuracy.update(correct / count.clamp(min=1), weight=count)
+        self.log(f"{stage}_loss", loss, prog_bar=True, batch_size=max(int(count), 1))
+        self.log(f"{stage}_perplexity", perplexity, prog_bar=True)
+        self.log(f"{stage}_token_accuracy", accuracy)
+
     def _log_lr(self) -> None:
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
 
@@ -228,9 +259,7 @@ class CausalLMModule(_TransformerModule):
                                         chat_template)
         self.generate_prompts = list(generate_prompts or [])
         self.max_new_tokens = max_new_tokens
-        for stage in ("val", "test"):  # both weighted by each batch's response tokens
-            setattr(self, f"{stage}_perplexity", TokenPerplexity())
-            setattr(self, f"{stage}_token_accuracy", MeanMetric())  # share of response tokens predicted exactly
+        self._add_token_metrics()  # over the response tokens
 
     def setup(self, stage: str) -> None:
         if is_fsdp(self.trainer.strategy) and (self.generate_prompts or stage == "predict"):
@@ -253,26 +282,12 @@ class CausalLMModule(_TransformerModule):
         # Packed rows bring position_ids, no attention_mask: transformers keeps examples apart only without a cache.
         return self.model(**batch, use_cache=False)
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = causal_lm_loss(self.model, batch)
-        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False)
-        self._log_lr()
-        return loss
+    def _training_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return causal_lm_loss(self.model, batch)
 
     def _evaluate(self, batch: dict[str, torch.Tensor], stage: str) -> None:
         stats = causal_lm_loss(self.model, batch, return_stats=True)  # loss, perplexity and accuracy in one pass
-        perplexity, accuracy = getattr(self, f"{stage}_perplexity"), getattr(self, f"{stage}_token_accuracy")
-        perplexity.update(stats.loss, weight=stats.count)
-        accuracy.update(stats.correct / stats.count.clamp(min=1), weight=stats.count)
-        self.log(f"{stage}_loss", stats.loss, prog_bar=True, batch_size=max(int(stats.count), 1))
-        self.log(f"{stage}_perplexity", perplexity, prog_bar=True)
-        self.log(f"{stage}_token_accuracy", accuracy)
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "val")
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "test")
+        self._log_token_metrics(stage, stats.loss, stats.count, stats.correct)
 
     @torch.no_grad()
     def generate(self, messages: list[dict[str, str]]) -> str:
@@ -334,9 +349,7 @@ class Seq2SeqLMModule(_TransformerModule):
         self.pretrained_source = PretrainedSource(resolve_path(model_name_or_path))
         self.tokenizer = load_tokenizer(tokenizer or model_name_or_path)
         self.max_new_tokens = max_new_tokens
-        for stage in ("val", "test"):  # both weighted by each batch's target tokens
-            setattr(self, f"{stage}_perplexity", TokenPerplexity())
-            setattr(self, f"{stage}_token_accuracy", MeanMetric())  # share of target tokens predicted exactly
+        self._add_token_metrics()  # over the target tokens
 
     def setup(self, stage: str) -> None:
         if is_fsdp(self.trainer.strategy) and stage == "predict":
@@ -358,30 +371,13 @@ class Seq2SeqLMModule(_TransformerModule):
     def forward(self, batch: dict[str, torch.Tensor]) -> Any:
         return self.model(**batch)
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self(batch).loss
-        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False)
-        self._log_lr()
-        return loss
-
     def _evaluate(self, batch: dict[str, torch.Tensor], stage: str) -> None:
         out = self(batch)
         labels = batch["labels"]
         labelled = labels != IGNORE_INDEX
         count = labelled.sum()
         correct = ((out.logits.argmax(-1) == labels) & labelled).sum()
-        perplexity, accuracy = getattr(self, f"{stage}_perplexity"), getattr(self, f"{stage}_token_accuracy")
-        perplexity.update(out.loss, weight=count)
-        accuracy.update(correct / count.clamp(min=1), weight=count)
-        self.log(f"{stage}_loss", out.loss, prog_bar=True, batch_size=max(int(count), 1))
-        self.log(f"{stage}_perplexity", perplexity, prog_bar=True)
-        self.log(f"{stage}_token_accuracy", accuracy)
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "val")
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "test")
+        self._log_token_metrics(stage, out.loss, count, correct)
 
     @torch.no_grad()
     def generate(self, inputs: list[str]) -> list[str]:
@@ -447,12 +443,6 @@ class SequenceClassificationModule(_TransformerModule):
     def forward(self, batch: dict[str, torch.Tensor]) -> Any:
         return self.model(**batch)
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self(batch).loss
-        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False)
-        self._log_lr()
-        return loss
-
     def _evaluate(self, batch: dict[str, torch.Tensor], stage: str) -> None:
         out = self(batch)
         predictions = out.logits.argmax(-1)
@@ -462,12 +452,6 @@ class SequenceClassificationModule(_TransformerModule):
         self.log(f"{stage}_loss", out.loss, prog_bar=True, batch_size=len(predictions))
         self.log(f"{stage}_accuracy", accuracy, prog_bar=True)
         self.log(f"{stage}_f1", f1)
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "val")
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "test")
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list[int]:
         return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.argmax(-1).tolist()
