@@ -33,6 +33,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from lightning_peft.accumulation import TokenWeightedSteps
 from lightning_peft.callback import PeftCallback
 from lightning_peft.checkpoint import restore_adapter
 from lightning_peft.data import IGNORE_INDEX, prompt_text
@@ -124,6 +125,7 @@ class _TransformerModule(L.LightningModule):
             raise ConfigError(f"learning_rate must be positive, got {learning_rate}.")
         self.learning_rate, self.weight_decay, self.warmup_steps = learning_rate, weight_decay, warmup_steps
         self.model: Any = None
+        self._step_weights = TokenWeightedSteps()
 
     def setup(self, stage: str) -> None:
         if stage != "fit" or any(isinstance(c, PeftCallback) for c in self.trainer.callbacks):
@@ -190,11 +192,19 @@ class _TransformerModule(L.LightningModule):
         """The loss a training step minimizes: the model's own, from the batch's labels."""
         return self(batch).loss
 
+    def _loss_items(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """How many items (labelled tokens, or examples) the training loss is the mean over."""
+        return (batch["labels"] != IGNORE_INDEX).sum()
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._training_loss(batch)
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         self._log_lr()
-        return loss
+        return self._step_weights.weigh(loss, self._loss_items(batch), self.trainer.strategy)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The step's gradient is the mean over all its labelled items (``lightning_peft.accumulation``)."""
+        self._step_weights.rescale(self.parameters(), self.trainer.strategy, self.trainer.accumulate_grad_batches)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val")  # each module's own metrics
@@ -284,6 +294,9 @@ class CausalLMModule(_TransformerModule):
 
     def _training_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return causal_lm_loss(self.model, batch)
+
+    def _loss_items(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()  # the label at t is predicted at t - 1
 
     def _evaluate(self, batch: dict[str, torch.Tensor], stage: str) -> None:
         stats = causal_lm_loss(self.model, batch, return_stats=True)  # loss, perplexity and accuracy in one pass
