@@ -10,13 +10,16 @@ state at position t predicts the label at t + 1) and runs the head and the cross
     body ──► hidden (8, 256, 256) ──► labelled rows (656, 256) ──► per chunk of ≤ chunk_size rows:
                                                                    head ──► logits (≤ chunk_size, 49152) ──► CE sum
 
-Each chunk runs under ``torch.utils.checkpoint``: the forward keeps only the chunk's loss, the backward recomputes
-the chunk's logits and frees them before the next chunk's, so no tensor holds more than ``chunk_size × vocab``
-logits in either pass. The head is called as the module it is (a LoRA layer on ``lm_head``, a 4-bit layer, a
-module inside an FSDP unit, hooks included), so its parameters' gradients flow through its own autograd and the
-hooks DDP and FSDP reduce them with. A custom ``autograd.Function`` that computes the gradient during the forward
-(what fused linear-cross-entropy kernels do) would save the recompute, one head forward on the labelled rows, but
-would have to produce the head's parameter gradients itself, behind those hooks' backs.
+No tensor holds more than ``chunk_size × vocab`` logits in either pass, in one of two ways:
+
+- A head that does not train (a plain ``nn.Linear`` whose parameters are frozen, LoRA's usual case, tied to the
+  embedding or not) and whose logits are not post-processed: each chunk's gradient with respect to the hidden
+  states, ``(softmax - one-hot) @ W``, is computed in the forward, right after the chunk's loss, and kept for the
+  backward instead of the logits. Two head products per labelled row, not three.
+- Any other head (a LoRA layer on ``lm_head``, a trained or 4-bit head, a head in an FSDP unit of its own): each
+  chunk runs under ``torch.utils.checkpoint``, the forward keeping only the chunk's loss and the backward
+  recomputing the chunk's logits. The head is called as the module it is, so its parameters' gradients flow
+  through its own autograd and the hooks DDP and FSDP reduce them with.
 
 What the model's forward does to the head's output before its loss is done here too: soft-capping (Gemma 2 and
 3: ``final_logit_softcapping``; RecurrentGemma: ``logits_soft_cap``), Cohere's ``logit_scale`` and Granite's
@@ -147,6 +150,49 @@ def _logits(model: Any, rows: torch.Tensor) -> torch.Tensor:
     return logits.float()  # the loss is computed in float32, as transformers' ForCausalLMLoss does
 
 
+def _frozen_head(model: Any) -> torch.nn.Linear | None:
+    """The output head when its logits are plain ``rows @ W^T + b`` and nothing in it trains, else None."""
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or any(p.requires_grad for p in head.parameters()):
+        return None
+    if head.weight.shape != (head.out_features, head.in_features):  # sharded: an FSDP unit of its own
+        return None
+    config = model.config
+    post_processed = (getattr(config, "final_logit_softcapping", None), getattr(config, "logits_soft_cap", None),
+                      getattr(model, "logit_scale", None), getattr(config, "logits_scaling", None))
+    return head if all(value is None for value in post_processed) else None
+
+
+class _FrozenHeadCrossEntropy(torch.autograd.Function):
+    """Summed float32 cross-entropy of ``rows @ weight^T + bias`` against ``targets``, a chunk of rows at a time,
+    with the rows' gradient computed in the forward: the backward only scales it (the head's weights do not train)."""
+
+    @staticmethod
+    def forward(ctx: Any, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                chunk_size: int, count_correct: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        loss_sum = torch.zeros((), dtype=torch.float32, device=rows.device)
+        correct = torch.zeros((), dtype=torch.long, device=rows.device)
+        grad_rows = torch.empty_like(rows)
+        for start in range(0, len(rows), chunk_size):
+            chunk = slice(start, start + chunk_size)
+            logits, target = F.linear(rows[chunk], weight, bias).float(), targets[chunk]
+            if count_correct:
+                correct += (logits.argmax(-1) == target).sum()
+            log_total = logits.logsumexp(-1)
+            loss_sum += (log_total - logits.gather(1, target[:, None]).squeeze(1)).sum()
+            probabilities = logits.sub_(log_total[:, None]).exp_()  # in place: the logits are not needed again
+            probabilities[torch.arange(len(target), device=rows.device), target] -= 1  # d(loss) / d(logits)
+            grad_rows[chunk] = probabilities.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad_rows)
+        ctx.mark_non_differentiable(correct)
+        return loss_sum, correct
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor, grad_correct: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (grad_rows,) = ctx.saved_tensors
+        return grad_rows * grad_loss.to(grad_rows.dtype), None, None, None, None, None
+
+
 def _chunk_sums(model: Any, rows: torch.Tensor, targets: torch.Tensor,
                 count_correct: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     logits = _logits(model, rows)
@@ -166,6 +212,11 @@ def _labelled_stats(model: Any, hidden: torch.Tensor, labels: torch.Tensor, chun
         zero = _logits(model, hidden.reshape(-1, hidden.shape[-1])[:1]).sum() * 0.0
         return LossStats(zero, zero, torch.zeros((), dtype=torch.long, device=hidden.device),
                          torch.zeros((), dtype=torch.long, device=hidden.device))
+    head = _frozen_head(model)
+    if head is not None and torch.is_grad_enabled() and rows.requires_grad:
+        loss_sum, correct = _FrozenHeadCrossEntropy.apply(rows, head.weight, head.bias, targets, chunk_size,
+                                                          count_correct)
+        return LossStats(loss_sum / count, loss_sum, torch.tensor(count, device=rows.device), correct)
     sums, rights = [], []
     for start in range(0, count, chunk_size):
         chunk = (model, rows[start:start + chunk_size], targets[start:start + chunk_size], count_correct)

@@ -125,6 +125,30 @@ def test_the_head_runs_only_on_labelled_rows_in_chunks():
     assert saved and not any(shape[-1] == VOCAB for shape in saved)
 
 
+def test_a_frozen_head_gives_its_gradient_in_the_forward_a_chunk_at_a_time(monkeypatch):
+    model = make_model("llama")
+    attach(model, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    data = labelled(size=4, length=16)
+    assert_same_loss_and_gradients(model, data, chunk_sizes=(1, 5, 4096))
+    rows: list[torch.Size] = []
+    linear = F.linear
+
+    def recording(input, weight, bias=None):
+        if weight is model.lm_head.weight:
+            rows.append(input.shape)
+        return linear(input, weight, bias)
+
+    monkeypatch.setattr(F, "linear", recording)
+    saved: list[torch.Size] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        loss = causal_lm_loss(model, data, chunk_size=5)
+    calls = len(rows)
+    loss.backward()
+    assert len(rows) == calls  # no recompute in the backward
+    assert all(len(shape) == 2 and shape[0] <= 5 for shape in rows) and sum(s[0] for s in rows) == 32
+    assert saved and not any(shape[-1] == VOCAB for shape in saved)
+
+
 def test_a_batch_without_labels_gives_zero_and_zero_gradients():
     model = make_model("llama")
     attach(model, LoraConfig(r=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False))
@@ -175,7 +199,7 @@ def test_bad_arguments_are_refused():
         causal_lm_loss(model, batch())
 
 
-def test_causal_lm_module_trains_on_labelled_rows_and_validates_from_the_same_pass(tmp_path):
+def test_causal_lm_module_trains_on_labelled_rows_and_validates_from_the_same_pass(tmp_path, monkeypatch):
     import lightning as L
     from torch.utils.data import DataLoader
     from torchmetrics.text import Perplexity
@@ -194,12 +218,20 @@ def test_causal_lm_module_trains_on_labelled_rows_and_validates_from_the_same_pa
         labels[:, :prompt] = -100
         batches.append({**data, "labels": labels})
     rows: list[int] = []
-    module.model.lm_head.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[:-1].numel()))
+    linear = F.linear
+
+    def recording(input, weight, bias=None):  # the frozen head runs as F.linear on its weight, not as a module call
+        if weight is module.model.lm_head.weight:
+            rows.append(input.shape[:-1].numel())
+        return linear(input, weight, bias)
+
+    monkeypatch.setattr(F, "linear", recording)
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[PeftCallback(LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))])
     trainer.fit(module, DataLoader(batches[:1], batch_size=None))
-    assert rows and sum(rows) == 2 * 14  # the forward and the backward's recompute; never all 24 positions
+    assert rows == [14]  # once, at the labelled rows only: the backward does not recompute the logits
+    monkeypatch.undo()
     [metrics] = trainer.validate(module, DataLoader(batches, batch_size=None), verbose=False)
     module.model.eval()
     reference, correct, total, count = Perplexity(ignore_index=-100), 0, 0.0, 0
