@@ -88,6 +88,12 @@ class PeftCLI(LightningCLI):
         super().__init__(save_config_kwargs={"overwrite": True}, args=args, run=run,
                          parser_kwargs={"prog": "lightning-peft"}, parser_class=PlainArgumentParser)
 
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        strategy = self.trainer.strategy
+        if isinstance(strategy, PeftStrategyMixin) and strategy.quantization is not None:
+            map_large_allocations()  # the C heap would keep a 4-bit base's freed per-layer buffers resident
+
     def after_predict(self) -> None:
         """Print what ``predict`` returned, one line per item, so the subcommand shows its answers."""
         for batch in self.trainer.predict_loop.predictions or []:
@@ -297,7 +303,6 @@ def top_level_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """The console entry point; ``argv`` defaults to the command line."""
-    map_large_allocations()  # the C heap would keep a 4-bit base's freed per-layer buffers resident
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     args = [a for a in args if a != "--debug"]

@@ -266,3 +266,13 @@ def test_sequence_classification_logs_accuracy_and_f1(tmp_path):
     assert {"val_accuracy", "val_f1", "train_loss"} <= set(header)
 
 
+
+
+@pytest.mark.parametrize("strategy, maps", [("auto", False), ("qlora", True)])
+def test_large_buffers_are_mapped_only_under_a_quantizing_strategy(tiny_lm, tmp_path, monkeypatch, strategy, maps):
+    from lightning_peft.cli import PeftCLI
+
+    calls = []
+    monkeypatch.setattr("lightning_peft.cli.map_large_allocations", lambda: calls.append(strategy))
+    PeftCLI(args=["--config", str(config(tmp_path, tiny_lm)), f"--trainer.strategy={strategy}"], run=False)
+    assert calls == ([strategy] if maps else [])
