@@ -5,6 +5,10 @@ parameters) on the same data for the same steps, with LoRA r=16 on q, k, v, o (d
 the same Trainer settings, each in a fresh process. The contenders alternate and the rounds repeat, so a noisy
 machine hurts both alike; medians are reported as ours/theirs ratios in ``benchmarks/RESULTS.md``.
 
+Each side computes the loss as its users do: theirs ``model(input_ids=ids, labels=ids).loss``, ours
+``lightning_peft.causal_lm_loss`` (the head a chunk of positions at a time, no logits for the whole batch; every
+position is labelled here, so it saves memory, not head arithmetic).
+
 Our process also measures the floor: the same step in the same loop with the frozen base and no adapter at all,
 gradients still flowing back through the activations. Our step over the floor is what the adapter costs.
 
@@ -71,8 +75,9 @@ def data_loader(steps: int):
     return DataLoader(TensorDataset(ids), batch_size=BATCH_SIZE)
 
 
-def make_module(model=None, pretrained_dir: str | None = None):
-    """The one LightningModule every contender trains: causal LM loss, AdamW over what requires grad.
+def make_module(model=None, pretrained_dir: str | None = None, lean_loss: bool = False):
+    """The LightningModule every contender trains: causal LM loss (``causal_lm_loss`` with ``lean_loss``, else the
+    model's own), AdamW over what requires grad.
 
     Without ``model``, the model is created on the meta device from ``pretrained_dir``'s config in
     ``configure_model``, and ``PeftStrategy`` fills it from that directory.
@@ -93,6 +98,10 @@ def make_module(model=None, pretrained_dir: str | None = None):
 
         def training_step(self, batch, batch_idx):
             (ids,) = batch
+            if lean_loss:
+                from lightning_peft import causal_lm_loss
+
+                return causal_lm_loss(self.model, {"input_ids": ids, "labels": ids})
             return self.model(input_ids=ids, labels=ids).loss
 
         def configure_optimizers(self):
@@ -177,11 +186,12 @@ def contender_setup(contender: str, pretrained_dir: str | None, accelerator: str
 
     callbacks = [PeftCallback(LoraConfig(**LORA))]
     if pretrained_dir is None:
-        return dict(module=make_module(build_model()), callbacks=callbacks)
+        return dict(module=make_module(build_model(), lean_loss=True), callbacks=callbacks)
     from lightning_peft import PeftStrategy, QuantizationConfig
 
     strategy = PeftStrategy(quantization=QuantizationConfig(**NF4, bnb_4bit_compute_dtype=compute))
-    return dict(module=make_module(pretrained_dir=pretrained_dir), callbacks=callbacks, strategy=strategy)
+    return dict(module=make_module(pretrained_dir=pretrained_dir, lean_loss=True), callbacks=callbacks,
+                strategy=strategy)
 
 
 def run_child(contender: str, config: str, steps: int, warmup: int, pretrained_dir: str | None,
@@ -217,7 +227,7 @@ def run_floor(steps: int, warmup: int, accelerator: str) -> dict:
     model = build_model()
     model.requires_grad_(False)
     model.enable_input_require_grads()  # the embeddings' output requires grad: backward flows through every layer
-    times = fit(make_module(model), [], steps, accelerator, checkpoint=False)["step_times"]
+    times = fit(make_module(model, lean_loss=True), [], steps, accelerator, checkpoint=False)["step_times"]
     return {"floor_step_s": statistics.median(times[warmup:]), "floor_step_times": times}
 
 
