@@ -195,7 +195,7 @@ def pack(examples: list[dict[str, list[int]]], max_length: int) -> list[dict[str
 def _even_rows(examples: list[dict[str, list[int]]], max_length: int) -> list[list[dict[str, list[int]]]]:
     """The fewest rows of even length that hold ``examples`` (each at most ``max_length`` long)."""
     by_length = sorted(examples, key=lambda e: len(e["input_ids"]), reverse=True)
-    for count in range(math.ceil(sum(len(e["input_ids"]) for e in examples) / max_length), len(examples)):
+    for count in range(max(math.ceil(sum(len(e["input_ids"]) for e in examples) / max_length), 1), len(examples)):
         lengths = [(0, row) for row in range(count)]  # a heap: the shortest row first
         rows: list[list[dict[str, list[int]]]] = [[] for _ in range(count)]
         for example in by_length:

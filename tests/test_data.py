@@ -79,6 +79,7 @@ def test_packing_fills_few_even_rows_without_splitting_examples():
     by_first = {r["input_ids"][0]: r for r in rows}
     assert by_first[2]["labels"] == [IGNORE_INDEX] * 3 + [2] + [IGNORE_INDEX] * 2 + [1]  # each example's last label
     assert len(pack(examples, max_length=20)) == 1 and len(pack(examples, max_length=6)) == 4
+    assert [r["input_ids"] for r in pack([{"input_ids": [], "labels": []}] * 2, max_length=8)] == [[]]
 
 
 def test_packing_evens_rows_out_where_filling_in_order_would_leave_one_short():
