@@ -10,13 +10,15 @@ Each micro-batch's mean loss is weighted by its token count over a reference cou
 micro-batch's, averaged over them; it keeps the loss at the scale of a mean, which float16's loss scaling needs).
 Once the step's backward passes are done, before clipping and the optimizer, the gradients are rescaled by
 ``reference * k * ranks / tokens in the step`` (summed over the ranks): what Lightning's and the strategy's averaging
-divided by is replaced by the step's token count.
+divided by is replaced by the step's token count. ``PeftCallback`` has that done before it adds a per-step
+regulariser's gradient (AdaLoRA's), which must not be rescaled.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
+import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import Strategy
 
@@ -49,3 +51,11 @@ class TokenWeightedSteps:
             for parameter in parameters:
                 if parameter.grad is not None:
                     parameter.grad.mul_(factor)
+
+
+def rescale_step(module: pl.LightningModule) -> None:
+    """Rescale the step's gradients of a module that weighs its micro-batches (its ``step_weights``); a no-op for
+    other modules, and once done in a step."""
+    weights = getattr(module, "step_weights", None)
+    if isinstance(weights, TokenWeightedSteps):
+        weights.rescale(module.parameters(), module.trainer.strategy, module.trainer.accumulate_grad_batches)

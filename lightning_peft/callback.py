@@ -58,6 +58,7 @@ from torch.nn.modules.module import register_module_module_registration_hook
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
+from lightning_peft.accumulation import rescale_step
 from lightning_peft.checkpoint import PEFT_KEY, AdapterCheckpointIO, adapter_keys, adapter_record
 from lightning_peft.doctor import (
     diagnose,
@@ -335,6 +336,7 @@ class PeftCallback(Callback):
         penalty = self._hooks.regularizer() if self._hooks is not None else None
         if penalty is None:
             return
+        rescale_step(pl_module)  # the loss's gradients take their token weights first: the regulariser's must not
         params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
         grads = torch.autograd.grad(penalty, params, allow_unused=True)
         for param, grad in zip(params, grads):

@@ -33,7 +33,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from lightning_peft.accumulation import TokenWeightedSteps
+from lightning_peft.accumulation import TokenWeightedSteps, rescale_step
 from lightning_peft.callback import PeftCallback
 from lightning_peft.checkpoint import restore_adapter
 from lightning_peft.data import IGNORE_INDEX, prompt_text
@@ -125,7 +125,7 @@ class _TransformerModule(L.LightningModule):
             raise ConfigError(f"learning_rate must be positive, got {learning_rate}.")
         self.learning_rate, self.weight_decay, self.warmup_steps = learning_rate, weight_decay, warmup_steps
         self.model: Any = None
-        self._step_weights = TokenWeightedSteps()
+        self.step_weights = TokenWeightedSteps()  # micro-batches weighted by their labelled tokens
 
     def setup(self, stage: str) -> None:
         if stage != "fit" or any(isinstance(c, PeftCallback) for c in self.trainer.callbacks):
@@ -200,11 +200,11 @@ class _TransformerModule(L.LightningModule):
         loss = self._training_loss(batch)
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         self._log_lr()
-        return self._step_weights.weigh(loss, self._loss_items(batch), self.trainer.strategy)
+        return self.step_weights.weigh(loss, self._loss_items(batch), self.trainer.strategy)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """The step's gradient is the mean over all its labelled items (``lightning_peft.accumulation``)."""
-        self._step_weights.rescale(self.parameters(), self.trainer.strategy, self.trainer.accumulate_grad_batches)
+        rescale_step(self)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val")  # each module's own metrics

@@ -14,7 +14,7 @@ from conftest import batch, launcher_free_env
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from lightning_peft import CausalLMModule, LoraConfig, PeftCallback
+from lightning_peft import AdaLoraConfig, CausalLMModule, LoraConfig, PeftCallback
 from lightning_peft.accumulation import TokenWeightedSteps
 
 PROMPTS = (5, 10, 3, 9)  # micro-batches of 2 rows of 12: 14, 4, 18 and 6 labelled targets
@@ -58,13 +58,14 @@ class StartFrom(L.Callback):
                     parameter.copy_(self.tensors[name])
 
 
-def one_step(path: str, batches: list[dict], accumulate: int, start: dict | None = None) -> dict[str, torch.Tensor]:
+def one_step(path: str, batches: list[dict], accumulate: int, start: dict | None = None,
+             adapter=None) -> dict[str, torch.Tensor]:
     """The trained tensors after one optimizer step over ``batches``."""
     L.seed_everything(0, verbose=False)
     module = SGDCausalLM(path)
     trainer = L.Trainer(max_steps=1, accumulate_grad_batches=accumulate, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[PeftCallback(lora()), *([StartFrom(start)] if start else [])])
+                        callbacks=[PeftCallback(adapter or lora()), *([StartFrom(start)] if start else [])])
     trainer.fit(module, DataLoader(batches, batch_size=None))
     return {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
 
@@ -87,6 +88,18 @@ def test_accumulated_micro_batches_take_the_step_of_one_batch(tiny, monkeypatch)
     monkeypatch.setattr(TokenWeightedSteps, "weigh", lambda self, loss, tokens, strategy: loss)
     averaged = one_step(tiny, [first, second], accumulate=2)
     assert any(not torch.allclose(averaged[name], tensor, atol=1e-4) for name, tensor in expected.items())
+
+
+def test_a_per_step_regulariser_is_added_once_and_not_reweighted(tiny):
+    """AdaLoRA adds its orthogonality penalty's gradient before the optimizer steps: it belongs to the step, not
+    to the tokens, so the token weighting must be done before it is added."""
+    adapter = AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["q_proj", "v_proj"],
+                            init_lora_weights=False, orth_reg_weight=0.5)
+    first, second = labelled_batches(len(CausalLMModule(tiny).tokenizer), PROMPTS[:2])
+    expected = one_step(tiny, [concatenated([first, second])], accumulate=1, adapter=adapter)
+    accumulated = one_step(tiny, [first, second], accumulate=2, adapter=adapter)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(accumulated[name], tensor, atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_under_ddp_the_step_is_the_mean_over_every_ranks_tokens(tiny, tmp_path):
