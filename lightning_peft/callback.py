@@ -42,6 +42,8 @@ A method may add work to each training step (``AdapterConfig.training_hooks``; A
 from __future__ import annotations
 
 import math
+import re
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
@@ -76,6 +78,7 @@ from lightning_peft.optim import OptimName, build_optimizer, split_lr_groups
 from lightning_peft.strategy import PeftStrategyMixin
 from lightning_peft.surgery import active_config, attach, count_parameters, find_transformer
 
+_NO_OPTIMIZER_WARNING = "`LightningModule.configure_optimizers` returned `None`, this fit will run with no optimizer"
 DEFAULT_LEARNING_RATE = 2e-4  # for a module that configures no optimizer and names no learning rate
 
 
@@ -133,6 +136,9 @@ class PeftCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Lightning warns that a module whose configure_optimizers returns None fits with no optimizer; this
+        # callback then builds one over the adapter (on_fit_start), so the warning would be untrue.
+        warnings.filterwarnings("ignore", message=re.escape(_NO_OPTIMIZER_WARNING))
         if isinstance(trainer.strategy, FSDPStrategy):
             raise ConfigError(
                 "PeftCallback under FSDP needs PeftFSDPStrategy (strategy='peft_fsdp'), which shards the base and "
