@@ -30,6 +30,9 @@ class TokenWeightedSteps:
     def __init__(self) -> None:
         self._reference: torch.Tensor | None = None
         self._tokens: torch.Tensor | None = None
+        self._loss_sum: torch.Tensor | None = None
+        self.step_loss: torch.Tensor | None = None
+        """The last finished step's loss on this rank: the mean over its micro-batches' tokens (what is logged)."""
 
     def weigh(self, loss: torch.Tensor, tokens: torch.Tensor, strategy: Strategy) -> torch.Tensor:
         """``loss`` (a mean over ``tokens`` items) as its share of the step: ``loss * tokens / reference``."""
@@ -37,16 +40,19 @@ class TokenWeightedSteps:
         if self._reference is None:  # the step's first micro-batch: every rank is here at once
             self._reference = strategy.reduce(tokens.clone(), reduce_op="mean").clamp(min=1)
             self._tokens = torch.zeros_like(tokens)
+            self._loss_sum = torch.zeros_like(tokens)
         self._tokens = self._tokens + tokens
+        self._loss_sum = self._loss_sum + loss.detach().float() * tokens
         return loss * (tokens / self._reference)
 
     def rescale(self, parameters: Iterable[torch.nn.Parameter], strategy: Strategy, accumulate: int) -> None:
         """Turn the accumulated, rank-averaged gradients into the mean over the step's tokens, and start a new step."""
-        if self._reference is None or self._tokens is None:
+        if self._reference is None or self._tokens is None or self._loss_sum is None:
             return
+        self.step_loss = self._loss_sum / self._tokens.clamp(min=1)
         total = strategy.reduce(self._tokens, reduce_op="sum").clamp(min=1)
         factor = float(self._reference * accumulate * strategy.world_size / total)
-        self._reference = self._tokens = None
+        self._reference = self._tokens = self._loss_sum = None
         if factor != 1.0:
             for parameter in parameters:
                 if parameter.grad is not None:

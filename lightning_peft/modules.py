@@ -197,14 +197,15 @@ class _TransformerModule(L.LightningModule):
         return (batch["labels"] != IGNORE_INDEX).sum()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self._training_loss(batch)
-        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False)
-        self._log_lr()
-        return self.step_weights.weigh(loss, self._loss_items(batch), self.trainer.strategy)
+        return self.step_weights.weigh(self._training_loss(batch), self._loss_items(batch), self.trainer.strategy)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """The step's gradient is the mean over all its labelled items (``lightning_peft.accumulation``)."""
+        """The step's gradient is the mean over all its labelled items (``lightning_peft.accumulation``), and so is
+        the logged ``train_loss``, however many micro-batches the step took."""
         rescale_step(self)
+        if self.step_weights.step_loss is not None:
+            self.log("train_loss", self.step_weights.step_loss, prog_bar=True, on_step=True, on_epoch=False)
+        self._log_lr()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val")  # each module's own metrics
