@@ -32,7 +32,7 @@ class TokenWeightedSteps:
         self._tokens: torch.Tensor | None = None
         self._loss_sum: torch.Tensor | None = None
         self.step_loss: torch.Tensor | None = None
-        """The last finished step's loss on this rank: the mean over its micro-batches' tokens (what is logged)."""
+        """The last finished step's loss: the mean over its tokens on every rank (what is logged)."""
 
     def weigh(self, loss: torch.Tensor, tokens: torch.Tensor, strategy: Strategy) -> torch.Tensor:
         """``loss`` (a mean over ``tokens`` items) as its share of the step: ``loss * tokens / reference``."""
@@ -49,8 +49,9 @@ class TokenWeightedSteps:
         """Turn the accumulated, rank-averaged gradients into the mean over the step's tokens, and start a new step."""
         if self._reference is None or self._tokens is None or self._loss_sum is None:
             return
-        self.step_loss = self._loss_sum / self._tokens.clamp(min=1)
-        total = strategy.reduce(self._tokens, reduce_op="sum").clamp(min=1)
+        loss_sum, total = strategy.reduce(torch.stack([self._loss_sum, self._tokens]), reduce_op="sum")
+        total = total.clamp(min=1)
+        self.step_loss = loss_sum / total
         factor = float(self._reference * accumulate * strategy.world_size / total)
         self._reference = self._tokens = self._loss_sum = None
         if factor != 1.0:

@@ -112,7 +112,8 @@ def test_under_ddp_the_step_is_the_mean_over_every_ranks_tokens(tiny, tmp_path):
     ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1)]
     for name in ranks[0]:
         assert torch.equal(ranks[0][name], ranks[1][name]), name
-    # Rank 0 held micro-batches 0 and 2 (32 labelled targets), rank 1 micro-batches 1 and 3 (10).
+    # Rank 0 held micro-batches 0 and 2 (32 labelled targets), rank 1 micro-batches 1 and 3 (10); each rank logged
+    # the loss of the whole step, over all 42.
     batches = labelled_batches(len(CausalLMModule(tiny).tokenizer), PROMPTS)
     expected = one_step(tiny, [concatenated(batches)], accumulate=1, start=load_file(tmp_path / "initial.safetensors"))
     for name, tensor in ranks[0].items():

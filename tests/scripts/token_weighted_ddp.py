@@ -5,7 +5,7 @@ tests/test_accumulation.py.
 usage: token_weighted_ddp.py MODEL_DIR OUT_DIR
 
 Writes OUT_DIR/initial.safetensors (rank 0's trained tensors once DDP has broadcast them) and
-OUT_DIR/rank<N>.safetensors (each rank's after the step).
+OUT_DIR/rank<N>.safetensors (each rank's after the step, and the train_loss it logged).
 """
 
 import sys
@@ -22,20 +22,21 @@ from test_accumulation import PROMPTS, SGDCausalLM, labelled_batches, lora  # no
 from lightning_peft import PeftCallback  # noqa: E402
 
 
+def trained(module: L.LightningModule) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
+
+
 class Record(L.Callback):
     def __init__(self, out: Path) -> None:
         self.out = out
 
-    def _save(self, pl_module: L.LightningModule, name: str) -> None:
-        save_file({n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad},
-                  self.out / name)
-
     def on_train_start(self, trainer, pl_module) -> None:
         if trainer.global_rank == 0:
-            self._save(pl_module, "initial.safetensors")
+            save_file(trained(pl_module), self.out / "initial.safetensors")
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        self._save(pl_module, f"rank{trainer.global_rank}.safetensors")
+        logged = trainer.callback_metrics["train_loss"].detach().clone()  # the step's, over every rank's tokens
+        save_file({**trained(pl_module), "train_loss": logged}, self.out / f"rank{trainer.global_rank}.safetensors")
 
 
 def main() -> None:
