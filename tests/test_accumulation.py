@@ -18,7 +18,7 @@ from lightning_peft import AdaLoraConfig, CausalLMModule, LoraConfig, PeftCallba
 from lightning_peft.accumulation import TokenWeightedSteps
 
 PROMPTS = (5, 10, 3, 9)  # micro-batches of 2 rows of 12: 14, 4, 18 and 6 labelled targets
-SCRIPT = Path(__file__).parent / "scripts" / "token_weighted_ddp.py"
+SCRIPT = Path(__file__).parent / "scripts" / "token_weighted_ranks.py"
 
 
 class SGDCausalLM(CausalLMModule):
@@ -105,9 +105,12 @@ def test_a_per_step_regulariser_is_added_once_and_not_reweighted(tiny):
         torch.testing.assert_close(accumulated[name], tensor, atol=1e-6, rtol=1e-5, msg=name)
 
 
-def test_under_ddp_the_step_is_the_mean_over_every_ranks_tokens(tiny, tmp_path):
-    result = subprocess.run([sys.executable, str(SCRIPT), tiny, str(tmp_path)], capture_output=True, text=True,
-                            timeout=300, env=launcher_free_env())
+@pytest.mark.parametrize("strategy", ["ddp", "peft_fsdp"])
+def test_across_ranks_the_step_is_the_mean_over_every_ranks_tokens(tiny, tmp_path, strategy):
+    """Under PeftFSDPStrategy the base is sharded and the head is an FSDP unit of its own, which causal_lm_loss
+    calls as the module it is."""
+    result = subprocess.run([sys.executable, str(SCRIPT), tiny, str(tmp_path), strategy], capture_output=True,
+                            text=True, timeout=300, env=launcher_free_env())
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1)]
     for name in ranks[0]:

@@ -1,10 +1,10 @@
-"""One optimizer step of the built-in CausalLMModule (plain SGD at rate 1) under DDP on two CPU processes (gloo),
-two accumulated micro-batches a rank, each holding a different number of labelled tokens; used by
+"""One optimizer step of the built-in CausalLMModule (plain SGD at rate 1) on two CPU processes (gloo), under DDP or
+PeftFSDPStrategy, two accumulated micro-batches a rank, each holding a different number of labelled tokens; used by
 tests/test_accumulation.py.
 
-usage: token_weighted_ddp.py MODEL_DIR OUT_DIR
+usage: token_weighted_ddp.py MODEL_DIR OUT_DIR {ddp,peft_fsdp}
 
-Writes OUT_DIR/initial.safetensors (rank 0's trained tensors once DDP has broadcast them) and
+Writes OUT_DIR/initial.safetensors (rank 0's trained tensors once the strategy has set up) and
 OUT_DIR/rank<N>.safetensors (each rank's after the step, and the train_loss it logged).
 """
 
@@ -20,10 +20,11 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from test_accumulation import PROMPTS, SGDCausalLM, labelled_batches, lora  # noqa: E402
 from lightning_peft import PeftCallback  # noqa: E402
+from lightning_peft.fsdp import clean_name  # noqa: E402
 
 
 def trained(module: L.LightningModule) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
+    return {clean_name(name): p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
 
 
 class Record(L.Callback):
@@ -40,13 +41,13 @@ class Record(L.Callback):
 
 
 def main() -> None:
-    model_dir, out = sys.argv[1], Path(sys.argv[2])
+    model_dir, out, strategy = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     module = SGDCausalLM(model_dir)
     # Sequential order, split by Lightning's DistributedSampler: rank 0 takes micro-batches 0 and 2, rank 1 1 and 3.
     batches = labelled_batches(len(module.tokenizer), PROMPTS)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=1, accumulate_grad_batches=2,
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=1, accumulate_grad_batches=2,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[PeftCallback(lora()), Record(out)])
     trainer.fit(module, DataLoader(batches, batch_size=None))
