@@ -69,7 +69,7 @@ def examples(tokenizer, steps: int):
     data = ChatDataModule(train_file=DATA, val_fraction=0.05, max_length=MAX_LENGTH)
     data.tokenizer = tokenizer
     train, val = data.conversations()
-    train, val = data._tokenize(train, tokenizer), data._tokenize(val, tokenizer)
+    train, val = data.tokenize(train, tokenizer), data.tokenize(val, tokenizer)
     random.Random(0).shuffle(train)
     return data, train[: steps * EXAMPLES_PER_STEP], val
 

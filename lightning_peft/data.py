@@ -398,14 +398,16 @@ class ChatDataModule(_TokenizerDataModule):
         train, val = self.conversations()
         if not train:
             raise ConfigError(f"{self.train_file} holds no training examples after the validation split.")
-        self.train = self._tokenize(train, tokenizer)
-        self.val = self._tokenize(val, tokenizer)
+        self.train = self.tokenize(train, tokenizer)
+        self.val = self.tokenize(val, tokenizer)
         self.val_prompts = [m[: max(i for i, t in enumerate(m) if t["role"] == "assistant")] for m in val]
         if self.packing:
             self.train = pack(self.train, self.max_length)
         rank_zero_info(f"{type(self).__name__}: {len(self.train)} training rows, {len(self.val)} validation examples.")
 
-    def _tokenize(self, conversations: list[list[dict]], tokenizer: Any) -> list[dict[str, list[int]]]:
+    def tokenize(self, conversations: list[list[dict]], tokenizer: Any) -> list[dict[str, list[int]]]:
+        """The examples ``setup`` trains and validates on (before packing): each conversation through the chat
+        template, truncated to ``max_length``, labelled on the answers; those with no answer left are dropped."""
         examples = [tokenize_chat(m, tokenizer, self.max_length) for m in conversations]
         kept = [e for e in examples if any(label != IGNORE_INDEX for label in e["labels"])]
         if len(kept) < len(examples):
@@ -519,10 +521,11 @@ class Seq2SeqDataModule(_TokenizerDataModule):
         train, val = self.pairs()
         if not train:
             raise ConfigError(f"{self.train_file} holds no training pairs after the validation split.")
-        self.train, self.val = self._tokenize(train, tokenizer), self._tokenize(val, tokenizer)
+        self.train, self.val = self.tokenize(train, tokenizer), self.tokenize(val, tokenizer)
         rank_zero_info(f"{type(self).__name__}: {len(self.train)} training, {len(self.val)} validation pairs.")
 
-    def _tokenize(self, pairs: list[tuple[str, str]], tokenizer: Any) -> list[dict[str, list[int]]]:
+    def tokenize(self, pairs: list[tuple[str, str]], tokenizer: Any) -> list[dict[str, list[int]]]:
+        """The examples ``setup`` trains and validates on: inputs and targets, each truncated to its length."""
         if not pairs:
             return []
         sources, targets = zip(*pairs)
