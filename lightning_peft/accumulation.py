@@ -11,7 +11,8 @@ micro-batch's, averaged over them; it keeps the loss at the scale of a mean, whi
 Once the step's backward passes are done, before clipping and the optimizer, the gradients are rescaled by
 ``reference * k * ranks / tokens in the step`` (summed over the ranks): what Lightning's and the strategy's averaging
 divided by is replaced by the step's token count. ``PeftCallback`` has that done before it adds a per-step
-regulariser's gradient (AdaLoRA's), which must not be rescaled.
+regulariser's gradient (AdaLoRA's), which must not be rescaled. The built-in modules weigh in ``training_step`` and
+rescale in ``on_before_optimizer_step``; a subclass overriding either keeps this by calling ``super()``.
 """
 
 from __future__ import annotations
