@@ -29,7 +29,7 @@ import io
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -293,15 +293,27 @@ class LengthGroupedSampler(DistributedSampler):
 
 
 class _TokenizerDataModule(L.LightningDataModule):
-    """Takes its tokenizer from the module it feeds, unless one was assigned to ``self.tokenizer``."""
+    """Takes its tokenizer from the module it feeds, unless one was assigned to ``self.tokenizer``; holds what
+    every data module is configured with (its files, the validation split, batching)."""
 
-    def __init__(self, batch_size: int, num_workers: int) -> None:
+    def __init__(self, train_file: str, val_file: str | None, val_fraction: float, batch_size: int,
+                 max_train_examples: int | None, max_val_examples: int | None, num_workers: int) -> None:
         super().__init__()
         if batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {batch_size}.")
-        self.batch_size = batch_size
-        self.num_workers = num_workers
+        if not 0 <= val_fraction < 1:
+            raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+        self.train_file, self.val_file, self.val_fraction = train_file, val_file, val_fraction
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.max_train_examples, self.max_val_examples = max_train_examples, max_val_examples
         self.tokenizer: Any = None
+        self.train: list[dict] = []
+        self.val: list[dict] = []
+
+    def _held_out(self, rows: list, key: Callable[[Any], str]) -> tuple[list, list]:
+        """(train, validation) of ``rows``: ``val_fraction`` of them held out by a hash of ``key(row)``."""
+        held = [held_out(key(row), self.val_fraction) for row in rows]
+        return [r for r, h in zip(rows, held) if not h], [r for r, h in zip(rows, held) if h]
 
     def _tokenizer(self) -> Any:
         if self.tokenizer is None:
@@ -367,28 +379,21 @@ class ChatDataModule(_TokenizerDataModule):
         max_val_examples: int | None = None,
         num_workers: int = 0,
     ) -> None:
-        super().__init__(batch_size, num_workers)
-        if not 0 <= val_fraction < 1:
-            raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+        super().__init__(train_file, val_file, val_fraction, batch_size, max_train_examples, max_val_examples,
+                         num_workers)
         if max_length < 2:
             raise ConfigError(f"max_length must be at least 2, got {max_length}.")
-        self.train_file, self.val_file, self.val_fraction = train_file, val_file, val_fraction
         self.max_length, self.packing, self.group_by_length = max_length, packing, group_by_length
         self.flatten_packed = False  # set from the model when the training loader is built
-        self.max_train_examples, self.max_val_examples = max_train_examples, max_val_examples
-        self.train: list[dict[str, list[int]]] = []
-        self.val: list[dict[str, list[int]]] = []
         self.val_prompts: list[list[dict[str, str]]] = []
 
     def conversations(self) -> tuple[list[list[dict]], list[list[dict]]]:
         """(train, validation) conversations, before tokenization."""
-        train, val = [], []
-        for number, record in read_jsonl(self.train_file):
-            messages = to_messages(record, f"{self.train_file}:{number}")
-            first_user = next((m["content"] for m in messages if m["role"] == "user"), "")
-            (val if self.val_file is None and held_out(first_user, self.val_fraction) else train).append(messages)
-        if self.val_file is not None:
-            val = [to_messages(r, f"{self.val_file}:{n}") for n, r in read_jsonl(self.val_file)]
+        rows = [to_messages(r, f"{self.train_file}:{n}") for n, r in read_jsonl(self.train_file)]
+        if self.val_file is None:
+            train, val = self._held_out(rows, lambda m: next((t["content"] for t in m if t["role"] == "user"), ""))
+        else:
+            train, val = rows, [to_messages(r, f"{self.val_file}:{n}") for n, r in read_jsonl(self.val_file)]
         return train[: self.max_train_examples], val[: self.max_val_examples]
 
     def setup(self, stage: str) -> None:
@@ -479,18 +484,13 @@ class Seq2SeqDataModule(_TokenizerDataModule):
         max_val_examples: int | None = None,
         num_workers: int = 0,
     ) -> None:
-        super().__init__(batch_size, num_workers)
-        if not 0 <= val_fraction < 1:
-            raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+        super().__init__(train_file, val_file, val_fraction, batch_size, max_train_examples, max_val_examples,
+                         num_workers)
         if max_length < 1 or max_target_length < 1:
             raise ConfigError(f"max_length and max_target_length must be at least 1, got {max_length} and "
                               f"{max_target_length}.")
-        self.train_file, self.val_file, self.val_fraction = train_file, val_file, val_fraction
         self.input_field, self.target_field = input_field, target_field
         self.max_length, self.max_target_length = max_length, max_target_length
-        self.max_train_examples, self.max_val_examples = max_train_examples, max_val_examples
-        self.train: list[dict[str, list[int]]] = []
-        self.val: list[dict[str, list[int]]] = []
 
     def read(self, path: str) -> list[tuple[str, str]]:
         """(input, target) pairs of ``path``; a record without both texts is refused with its line."""
@@ -508,8 +508,7 @@ class Seq2SeqDataModule(_TokenizerDataModule):
         """(train, validation) pairs, before tokenization."""
         rows = self.read(self.train_file)
         if self.val_file is None:
-            train = [r for r in rows if not held_out(r[0], self.val_fraction)]
-            val = [r for r in rows if held_out(r[0], self.val_fraction)]
+            train, val = self._held_out(rows, lambda r: r[0])
         else:
             train, val = rows, self.read(self.val_file)
         return train[: self.max_train_examples], val[: self.max_val_examples]
@@ -566,15 +565,10 @@ class TextClassificationDataModule(_TokenizerDataModule):
         max_val_examples: int | None = None,
         num_workers: int = 0,
     ) -> None:
-        super().__init__(batch_size, num_workers)
-        if not 0 <= val_fraction < 1:
-            raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}.")
-        self.train_file, self.val_file, self.test_file = train_file, val_file, test_file
-        self.labels, self.text_field, self.label_field = labels, text_field, label_field
-        self.val_fraction, self.max_length = val_fraction, max_length
-        self.max_train_examples, self.max_val_examples = max_train_examples, max_val_examples
-        self.train: list[dict] = []
-        self.val: list[dict] = []
+        super().__init__(train_file, val_file, val_fraction, batch_size, max_train_examples, max_val_examples,
+                         num_workers)
+        self.test_file, self.labels, self.text_field, self.label_field = test_file, labels, text_field, label_field
+        self.max_length = max_length
         self.test: list[dict] = []
 
     def read(self, path: str) -> list[tuple[str, str]]:
@@ -604,8 +598,7 @@ class TextClassificationDataModule(_TokenizerDataModule):
         if not kept:
             raise ConfigError(f"{self.train_file}: no row has a label in {self.labels}.")
         if self.val_file is None:
-            train = [r for r in kept if not held_out(r[0], self.val_fraction)]
-            val = [r for r in kept if held_out(r[0], self.val_fraction)]
+            train, val = self._held_out(kept, lambda r: r[0])
         else:
             train, val = kept, [(t, index[lab]) for t, lab in self.read(self.val_file) if lab in index]
         test = val if self.test_file is None else [(t, index[lab]) for t, lab in self.read(self.test_file)
