@@ -25,21 +25,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from streaming_memory import machine, peak_bytes, rss_bytes, save_tokenizer  # noqa: E402
+from streaming_memory import build, machine, peak_bytes, rss_bytes, save_tokenizer  # noqa: E402
 
 ARCH = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
             num_key_value_heads=16, vocab_size=32000, max_position_embeddings=512, tie_word_embeddings=False)
 SIDES = ["rank 0 reads", "every rank reads"]
-
-
-def build(directory: Path) -> int:
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**ARCH), dtype=torch.bfloat16)
-    model.save_pretrained(directory, max_shard_size="300MB")
-    return sum(p.numel() for p in model.parameters())
 
 
 def frozen_bytes(module) -> int:
@@ -100,7 +90,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
-        params = build(directory)
+        params = build(directory, ARCH)
         save_tokenizer(directory)
         size = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
         rows = []  # (side, [rank 0 record, rank 1 record]), the sides alternating

