@@ -134,17 +134,22 @@ def _final_hidden_states(model: Any, inputs: dict[str, Any]) -> torch.Tensor:
     return model.base_model(**inputs)[0]  # last_hidden_state, the first field of every body's output
 
 
+def _logit_transforms(model: Any) -> tuple[Any, Any, Any]:
+    """What the model's forward does to its head's output: (soft cap, multiplier, divisor), None for each it does not
+    apply."""
+    config = model.config
+    cap = getattr(config, "final_logit_softcapping", None) or getattr(config, "logits_soft_cap", None)
+    return cap, getattr(model, "logit_scale", None), getattr(config, "logits_scaling", None)
+
+
 def _logits(model: Any, rows: torch.Tensor) -> torch.Tensor:
     """Float32 logits of ``rows`` of final hidden states, post-processed as the model's forward does."""
     logits = model.get_output_embeddings()(rows)
-    config = model.config
-    cap = getattr(config, "final_logit_softcapping", None) or getattr(config, "logits_soft_cap", None)
+    cap, scale, scaling = _logit_transforms(model)
     if cap is not None:
         logits = torch.tanh(logits / cap) * cap
-    scale = getattr(model, "logit_scale", None)
     if scale is not None:
         logits = logits * scale
-    scaling = getattr(config, "logits_scaling", None)
     if scaling is not None:
         logits = logits / scaling
     return logits.float()  # the loss is computed in float32, as transformers' ForCausalLMLoss does
@@ -157,10 +162,7 @@ def _frozen_head(model: Any) -> torch.nn.Linear | None:
         return None
     if head.weight.shape != (head.out_features, head.in_features):  # sharded: an FSDP unit of its own
         return None
-    config = model.config
-    post_processed = (getattr(config, "final_logit_softcapping", None), getattr(config, "logits_soft_cap", None),
-                      getattr(model, "logit_scale", None), getattr(config, "logits_scaling", None))
-    return head if all(value is None for value in post_processed) else None
+    return head if all(transform is None for transform in _logit_transforms(model)) else None
 
 
 class _FrozenHeadCrossEntropy(torch.autograd.Function):
